@@ -1,0 +1,40 @@
+"""The ``icm-dist`` command: ``train`` (the same as launch/train.py) and the tools around a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import IcmError
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="icm-dist", description="Learning independent causal mechanisms, sharded.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a committee (python, torchrun or accelerate launch)")
+    t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=500 seed=3")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except IcmError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

