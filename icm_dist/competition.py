@@ -69,13 +69,15 @@ class MaskedAdam:
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            g = p.grad.view(E, -1)
-            pv, mv, vv = p.view(E, -1), m.view(E, -1), v.view(E, -1)
-            keep = mask_E.view(E, 1)
+            # Split only the leading dim into [E, ...]: a view under any memory format (channels_last too).
+            g = p.grad.unflatten(0, (E, -1))
+            pv, mv, vv = p.unflatten(0, (E, -1)), m.unflatten(0, (E, -1)), v.unflatten(0, (E, -1))
+            bshape = (E,) + (1,) * (pv.dim() - 1)
+            keep = mask_E.view(bshape)
             m_new = mv.lerp(g, 1 - self.beta1)
             v_new = vv.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v_new.sqrt() / bc2_sqrt.view(E, 1)).add_(self.eps)
-            p_new = pv.addcdiv(m_new * step_size.view(E, 1), denom, value=-1.0)
+            denom = (v_new.sqrt() / bc2_sqrt.view(bshape)).add_(self.eps)
+            p_new = pv.addcdiv(m_new * step_size.view(bshape), denom, value=-1.0)
             mv.copy_(torch.where(keep, m_new, mv))
             vv.copy_(torch.where(keep, v_new, vv))
             pv.copy_(torch.where(keep, p_new, pv))
