@@ -146,6 +146,10 @@ class LocalExperts:
         return x.contiguous()
 
 
+def _fmt(x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
+
+
 @dataclass
 class StepResult:
     winners_B: torch.Tensor  # global expert id of each example's winner (same on every rank)
@@ -167,8 +171,14 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
 
     saved = experts.snapshot_buffers()
     experts.bank.train()
-    with amp:
-        out_BEHW = experts.bank(experts.expand_input(x_fake_B1HW))  # graph kept: the winners learn through it
+    # dense: the experts' graph is kept over the whole batch, as in the paper's formulation, where
+    #   BatchNorm's batch statistics carry gradient from every example.
+    # winners: the full pass needs no graph; each winner later re-runs on just its examples with the
+    #   batch statistics of this pass held fixed (same outputs, backward only where a loss exists).
+    sparse = cfg.train.expert_backward == "winners"
+    stats: list | None = [] if sparse else None
+    with amp, torch.set_grad_enabled(not sparse):
+        out_BEHW = experts.bank(experts.expand_input(x_fake_B1HW), collect_stats=stats)
     # Example-major rows: row i*E + j is local expert j's output for example i.
     fakes = out_BEHW.detach().float().reshape(B * E, 1, H, W)
     reals = x_real_B1HW[real_slice(B, d.world_size, d.rank)]
@@ -197,7 +207,16 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
     if bool(mine_B.any()):
         rows = torch.nonzero(mine_B).squeeze(1)
         cols = local_B[mine_B]
-        won_out = out_BEHW[rows, cols].unsqueeze(1)  # [k, 1, H, W]
+        if sparse:
+            parts, part_cols = [], []
+            for j in torch.unique(cols).tolist():
+                sel = rows[cols == j]
+                with amp:
+                    parts.append(experts.bank.forward_one(j, _fmt(x_fake_B1HW[sel], cfg), stats))
+                part_cols.append(torch.full((len(sel),), j, device=d.device, dtype=torch.long))
+            won_out, cols = torch.cat(parts), torch.cat(part_cols)
+        else:
+            won_out = out_BEHW[rows, cols].unsqueeze(1)  # [k, 1, H, W]
         with amp:
             won_logits = disc_module(won_out.float()).float()
         per_example = F.softplus(-won_logits)  # -log sigmoid
@@ -262,14 +281,54 @@ def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, d
 # ----------------------------------------------------------------------------- reference path
 
 
+def _batch_stats_hooks(expert: Expert, store: list):
+    """Forward hooks that record each BatchNorm layer's batch mean and (biased) variance."""
+
+    def hook(module, inputs, output):
+        var, mean = torch.var_mean(inputs[0].detach(), dim=(0, 2, 3), unbiased=False)
+        store.append((mean, var))
+
+    return [m.register_forward_hook(hook) for m in expert.norms]
+
+
+def _with_batch_stats(expert: Expert, x: torch.Tensor, stats: list) -> torch.Tensor:
+    """The expert on ``x`` with each BatchNorm using the given batch statistics as constants.
+
+    Plainly: eval mode, with the running statistics temporarily replaced by the batch statistics
+    (eval-mode BatchNorm divides by sqrt(running_var + eps), so the biased batch variance reproduces
+    the training-mode normalization), then the running statistics put back.
+    """
+    # Swap the buffer tensors rather than copying into them: eval-mode batch_norm saves them for
+    # backward, so they must not be modified in place afterwards.
+    saved = [(n.running_mean, n.running_var) for n in expert.norms]
+    for n, (mean, var) in zip(expert.norms, stats):
+        n.running_mean, n.running_var = mean.clone(), var.clone()
+    expert.eval()
+    try:
+        return expert(x)
+    finally:
+        expert.train()
+        for n, (mean, var) in zip(expert.norms, saved):
+            n.running_mean, n.running_var = mean, var
+
+
 def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimizer], disc: torch.nn.Module,
-                   d_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor, x_real_B1HW: torch.Tensor) -> StepResult:
-    """Algorithm 1 written plainly, one process, fp32: a loop over experts and a dense backward."""
+                   d_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor, x_real_B1HW: torch.Tensor,
+                   expert_backward: str = "dense") -> StepResult:
+    """Algorithm 1 written plainly, one process, fp32: a loop over experts and a dense backward.
+
+    ``expert_backward="winners"`` trains each winner on a second forward of just its examples with the
+    scoring pass's batch statistics held fixed (what the fast path's ``winners`` mode computes).
+    """
     N = len(experts)
     saved = [[b.clone() for n, b in e.named_buffers() if not n.endswith("num_batches_tracked")] for e in experts]
     for e in experts:
         e.train()
-    outs = [e(x_fake_B1HW) for e in experts]  # N x [B, 1, H, W]
+    stats: list[list] = [[] for _ in experts]
+    hooks = [h for e, st in zip(experts, stats) for h in _batch_stats_hooks(e, st)]
+    outs = [e(x_fake_B1HW) for e in experts]  # N x [B, 1, H, W], graph kept
+    for h in hooks:
+        h.remove()
     scores_BN = torch.stack([disc(o) for o in outs], dim=1)  # D logits, graph through D and the experts
     winners_B = settle_winners(scores_BN.detach())
 
@@ -280,12 +339,16 @@ def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimize
     for j in range(N):
         mask = winners_B == j
         if mask.any():
-            loss_j = F.softplus(-scores_BN[mask, j]).mean()
+            if expert_backward == "winners":
+                logits = disc(_with_batch_stats(experts[j], x_fake_B1HW[mask], stats[j]))
+            else:
+                logits = scores_BN[mask, j]
+            loss_j = F.softplus(-logits).mean()
             losses.append(loss_j)
             expert_loss_E[j] = loss_j.detach()
     for opt in expert_opts:
         opt.zero_grad(set_to_none=True)
-    torch.stack(losses).sum().backward()  # dense: through every expert and through D
+    torch.stack(losses).sum().backward()  # through every expert's graph and through D
     for j in range(N):
         if won_E[j] > 0:
             expert_opts[j].step()

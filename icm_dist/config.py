@@ -103,6 +103,10 @@ class TrainConfig:
     """Compute precision of expert and discriminator forward passes (bf16 uses autocast; weights stay fp32)."""
     channels_last: bool = False
     """Run convolutions in channels_last memory format."""
+    expert_backward: Literal["winners", "dense"] = "winners"
+    """``dense``: the paper's formulation, every expert's graph over the whole batch (BatchNorm statistics
+    carry gradient from every example). ``winners``: each winner re-runs only on the examples it won,
+    with the batch statistics held fixed: the same outputs, a backward only where a loss exists."""
     stop_when_stable: Optional[int] = None
     """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
 
@@ -341,6 +345,8 @@ def validate(cfg: Config) -> None:
     need(cfg.expert.width >= 1, "expert.width", cfg.expert.width, "must be >= 1")
     need(cfg.expert.depth >= 1, "expert.depth", cfg.expert.depth, "must be >= 1")
     need(0 <= cfg.expert.pool <= 2, "expert.pool", cfg.expert.pool, "must be 0, 1 or 2 (32x32 inputs)")
+    need(cfg.expert.depth >= 2 * cfg.expert.pool, "expert.depth", cfg.expert.depth,
+         f"must be at least 2 * expert.pool = {2 * cfg.expert.pool} (a block per pooling and per upsampling)")
     need(len(cfg.discriminator.widths) >= 1 and all(isinstance(w, int) and w >= 1 for w in cfg.discriminator.widths),
          "discriminator.widths", cfg.discriminator.widths, "must be a non-empty list of positive integers")
     need(len(cfg.discriminator.widths) <= 5, "discriminator.widths", cfg.discriminator.widths,

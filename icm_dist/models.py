@@ -112,23 +112,68 @@ class ExpertBank(nn.Module):
             bank.load_expert_state(j, make_expert(cfg, seed, gid).state_dict())
         return bank
 
-    def forward(self, x_BEHW: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BEHW: torch.Tensor, collect_stats: list | None = None) -> torch.Tensor:
+        """All experts at once: ``[B, E, H, W]`` in, ``[B, E, H, W]`` out.
+
+        With ``collect_stats`` (a list, training mode, no autograd), BatchNorm normalizes with batch
+        statistics computed here, updates the running statistics as nn.BatchNorm2d would, and
+        appends each layer's ``(mean, invstd)`` to the list, so that :meth:`forward_one` can later
+        reproduce exactly these outputs for a subset of the examples.
+        """
         pools, ups = _pool_after(self.cfg)
         h = x_BEHW
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            h = fast_elu(norm(conv(h)))
+            h = conv(h)
+            if collect_stats is not None and self.training:
+                # The stock BatchNorm kernel (running statistics updated as nn.BatchNorm2d does), asked
+                # for the batch mean and inverse std it used, so forward_one can reuse them exactly.
+                h, mean, invstd = torch.native_batch_norm(h, norm.weight, norm.bias, norm.running_mean,
+                                                          norm.running_var, True, norm.momentum, norm.eps)
+                norm.num_batches_tracked += 1
+                collect_stats.append((mean.float(), invstd.float()))
+            else:
+                h = norm(h)
+            h = fast_elu(h)
             if i in pools:
                 h = F.avg_pool2d(h, 2)
             if i in ups:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         return torch.sigmoid(self.out(h))
 
+    def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:
+        """Local expert ``j`` alone on ``x``, its BatchNorm using fixed ``stats`` from :meth:`forward`.
+
+        The statistics are constants here (no gradient flows through them), so an example's output is
+        the one it had in the full pass, and the backward touches only the examples passed in.
+        """
+        E, W = self.num, self.cfg.width
+        pools, ups = _pool_after(self.cfg)
+        h = x_B1HW
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            w = conv.weight.unflatten(0, (E, -1))[j]
+            h = F.conv2d(h, w, padding=1)
+            sl = slice(j * W, (j + 1) * W)
+            mean, invstd = stats[i]
+            scale = (invstd[sl] * norm.weight[sl]).view(1, W, 1, 1)
+            h = (h - mean[sl].view(1, W, 1, 1)) * scale + norm.bias[sl].view(1, W, 1, 1)
+            h = fast_elu(h)
+            if i in pools:
+                h = F.avg_pool2d(h, 2)
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        w = self.out.weight.unflatten(0, (E, -1))[j]
+        return torch.sigmoid(F.conv2d(h, w, self.out.bias[j:j + 1], padding=1))
+
     # -- per-expert views ------------------------------------------------------------------
     def _expert_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
         shape = self._template[name]
         if name.endswith("num_batches_tracked"):
             return t.expand(self.num)
-        return t.view(self.num, *shape)
+        # Split only the leading dim: a view under any memory format (channels_last too). Expert j
+        # owns rows [j*k, (j+1)*k) of every leading dim, so the split is exactly the expert's shape.
+        v = t.unflatten(0, (self.num, -1))
+        assert v.shape[1:] == shape, (name, v.shape, shape)
+        return v
 
     def expert_tensors(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer viewed as ``[E, *expert_shape]`` (views: writes go to the bank)."""

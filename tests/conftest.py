@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    """Where MNIST's safetensors cache and the cached classifiers live (built once, reused by every test)."""
+    root = os.environ.get("ICM_DIST_TEST_DATA", str(REPO / "data"))
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root):
+    from icm_dist.data.mnist import load_mnist
+
+    return load_mnist(data_root)

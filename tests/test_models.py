@@ -1,0 +1,81 @@
+"""Networks of appendix B, and the bank of grouped convolutions against a loop of Expert modules."""
+
+import torch
+
+from icm_dist.config import Config, DiscriminatorConfig, ExpertConfig
+from icm_dist.models import Classifier, Discriminator, Expert, ExpertBank, make_expert, num_params
+
+
+def test_expert_shapes_and_parameter_count():
+    e = Expert(ExpertConfig())
+    assert e(torch.rand(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    assert e(torch.rand(2, 1, 46, 46)).shape == (2, 1, 46, 46)  # fully convolutional (Figure 7)
+    # Footnote 5: ~27K weights at 32 filters, ~110K at 64, ~440K at 128.
+    assert 26_000 <= num_params(e) <= 30_000
+    assert 105_000 <= num_params(Expert(ExpertConfig(width=64))) <= 115_000
+    assert 420_000 <= num_params(Expert(ExpertConfig(width=128))) <= 450_000
+    pooled = Expert(ExpertConfig(pool=2))
+    assert pooled(torch.rand(2, 1, 32, 32)).shape == (2, 1, 32, 32)
+    out = e(torch.rand(3, 1, 32, 32))
+    assert (out >= 0).all() and (out <= 1).all()
+
+
+def test_discriminator_and_classifier_shapes():
+    d = Discriminator(DiscriminatorConfig())
+    assert d(torch.rand(5, 1, 32, 32)).shape == (5,)
+    assert Classifier()(torch.rand(5, 1, 32, 32)).shape == (5, 10)
+
+
+def test_expert_init_is_keyed_by_seed_and_id():
+    a, b, c = make_expert(ExpertConfig(), 0, 3), make_expert(ExpertConfig(), 0, 3), make_expert(ExpertConfig(), 0, 4)
+    assert torch.equal(a.convs[0].weight, b.convs[0].weight)
+    assert not torch.equal(a.convs[0].weight, c.convs[0].weight)
+
+
+def test_bank_matches_a_loop_of_experts():
+    cfg = ExpertConfig(width=8, depth=3, pool=1)
+    ids = [4, 5, 6]
+    bank = ExpertBank.create(cfg, seed=1, ids=ids)
+    experts = [make_expert(cfg, 1, g) for g in ids]
+    x = torch.rand(6, 1, 32, 32)
+    out = bank(x.expand(6, 3, 32, 32).contiguous())
+    for j, e in enumerate(experts):
+        torch.testing.assert_close(out[:, j:j + 1], e(x), rtol=1e-5, atol=1e-6)
+    # running statistics moved identically
+    for j, e in enumerate(experts):
+        torch.testing.assert_close(bank.expert_state(j)["norms.0.running_var"], e.norms[0].running_var)
+    bank.eval()
+    for e in experts:
+        e.eval()
+    out = bank(x.expand(6, 3, 32, 32).contiguous())
+    for j, e in enumerate(experts):
+        torch.testing.assert_close(out[:, j:j + 1], e(x), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_state_round_trip_and_standalone_load():
+    cfg = ExpertConfig(width=8, depth=2)
+    bank = ExpertBank.create(cfg, seed=0, ids=[0, 1])
+    e = Expert(cfg)
+    e.load_state_dict(bank.expert_state(1))
+    other = ExpertBank(cfg, [7, 8])
+    other.load_expert_state(0, bank.expert_state(1))
+    assert torch.equal(other.expert_state(0)["convs.1.weight"], e.convs[1].weight)
+
+
+def test_bank_views_work_in_channels_last():
+    cfg = ExpertConfig(width=8, depth=2)
+    bank = ExpertBank.create(cfg, seed=0, ids=[0, 1, 2]).to(memory_format=torch.channels_last)
+    ref = make_expert(cfg, 0, 2)
+    assert torch.equal(bank.expert_state(2)["convs.1.weight"], ref.convs[1].weight)
+
+
+def test_forward_one_reproduces_the_full_pass():
+    cfg = ExpertConfig(width=8, depth=3)
+    bank = ExpertBank.create(cfg, seed=0, ids=[0, 1, 2])
+    x = torch.rand(10, 1, 32, 32)
+    stats = []
+    with torch.no_grad():
+        full = bank(x.expand(10, 3, 32, 32).contiguous(), collect_stats=stats)
+    rows = torch.tensor([1, 4, 7])
+    one = bank.forward_one(2, x[rows], stats)
+    torch.testing.assert_close(one[:, 0], full[rows, 2], rtol=1e-5, atol=1e-6)
