@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=500 seed=3")
     t.set_defaults(func=_train)
+    from .compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     return p
 
 

@@ -1,7 +1,16 @@
 """Metric sinks: a local JSONL file always, wandb when asked, nothing on other ranks.
 
 Metrics are gathered to rank 0 by the trainer before they get here; every other rank holds a
-:class:`NullTracker`, so logging calls need no ``if rank == 0`` around them.
+:class:`NullTracker`, so logging calls need no ``if rank == 0`` around them, and only rank 0 ever
+imports wandb or creates a wandb run.
+
+What reaches wandb (see docs/tracking.md): every JSONL row (losses, win shares, the Figure 4 scores
+``score/<mechanism>/e<j>``, the Figure 6 accuracies ``eval/accuracy/*``, identity-init progress,
+iterations/s and step time) against the ``iteration`` axis; at figure intervals the win matrix
+(image and table), inputs beside the winners' outputs, and one line chart per mechanism with every
+expert's score on it; the final evaluation in the run summary; the whole resolved config (nested,
+so the UI can filter and group by any field) plus ``experiment``, a hash that the seeds of one
+experiment share.
 """
 
 from __future__ import annotations
@@ -9,12 +18,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config, to_dict
+from .errors import IcmError
 
 
 def _jsonable(v: Any):
@@ -39,6 +52,9 @@ class NullTracker:
         pass
 
     def log_table(self, name: str, columns: list, rows: list, step: int) -> None:
+        pass
+
+    def log_charts(self, step: int) -> None:
         pass
 
     def summary(self, values: dict) -> None:
@@ -68,33 +84,98 @@ def resolve_wandb_mode(mode: str) -> str:
     return "offline"
 
 
+def default_group(cfg: Config) -> str:
+    """The wandb group when ``tracking.wandb.group`` is unset: the experiment name, taken from the run
+    directory with a seed part removed, so that ``runs/abl/seed3`` and ``runs/abl_seed4`` both land
+    in group ``abl``. Name the group explicitly when the directories don't follow that pattern."""
+    p = Path(cfg.run.out_dir)
+    if re.fullmatch(r"(seed|s)[-_]?\d+", p.name) and p.parent.name:
+        return p.parent.name
+    name = cfg.run.name or p.name
+    return re.sub(r"[-_.]?seed[-_]?\d+$", "", name) or name
+
+
+def wandb_config(cfg: Config) -> dict:
+    """What goes into wandb's run config: the whole resolved config, nested (the UI shows it as
+    ``train.batch_size`` etc. and can filter and group by any of it), plus ``experiment``: a hash
+    of the config without seed, run directory and tracking settings (see compare.IGNORED_KEYS),
+    shared by all seeds of one experiment, for grouping in the UI when groups were named loosely."""
+    from .compare import experiment_hash
+
+    d = to_dict(cfg)
+    return {**d, "experiment": experiment_hash(d)}
+
+
+class TrackingError(IcmError):
+    """wandb could not start in the requested mode."""
+
+
+# History keys drawn together as one chart each (see Tracker.log_charts): a regex whose first group
+# names the chart, and the chart's title.
+_CHARTS = (
+    (re.compile(r"score/(.+)/e(\d+)$"), "figure4/{}", "Figure 4: mean D score of each expert on {}"),
+    (re.compile(r"eval/accuracy/(?:transformed|restored|original)$"), "figure6/accuracy",
+     "Figure 6: classifier accuracy"),
+)
+
+
 class Tracker(NullTracker):
     """Rank 0's tracker: appends to ``metrics.jsonl`` and mirrors to wandb unless disabled."""
 
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The rows the curves of log_charts are drawn from; on resume the trainer has already cut
+        # metrics.jsonl back to the checkpoint, so what is left there is the history so far.
+        self.history: list[dict] = []
+        if resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    self._remember(json.loads(line))
+                except (json.JSONDecodeError, AttributeError):
+                    pass
         self.file = open(self.path, "a" if resume else "w")
         self.wandb = None
         self.mode = resolve_wandb_mode(cfg.tracking.wandb.mode)
         if self.mode != "disabled":
-            import wandb
+            try:
+                import wandb
+            except ImportError as e:
+                raise TrackingError(f"wandb is not importable ({e}); install it or set tracking.wandb.mode=disabled") from None
 
             w = cfg.tracking.wandb
-            self.wandb = wandb.init(
-                project=w.project, entity=w.entity, group=w.group, tags=list(w.tags) or None,
-                name=cfg.run.name or Path(cfg.run.out_dir).name, config=to_dict(cfg), dir=str(out_dir),
-                mode=self.mode, resume="allow" if resume else None, id=_run_id(out_dir, resume),
-                settings=wandb.Settings(console="off", x_disable_stats=True),
-            )
-            # Everything is plotted against the training iteration, also figures logged at evaluations.
+            try:
+                self.wandb = wandb.init(
+                    project=w.project, entity=w.entity, group=w.group or default_group(cfg),
+                    tags=list(w.tags) or None, name=cfg.run.name or Path(cfg.run.out_dir).name,
+                    config=wandb_config(cfg), dir=str(out_dir), mode=self.mode,
+                    resume="allow" if resume else None, id=_run_id(out_dir, resume), job_type="train",
+                    settings=wandb.Settings(console="off", x_disable_stats=True),
+                )
+            except Exception as e:  # wandb raises many types (auth, network, usage); all mean the same here
+                self.file.close()
+                raise TrackingError(
+                    f"wandb.init failed in mode {self.mode!r}: {type(e).__name__}: {e}; log in with `wandb login`, "
+                    "or train with tracking.wandb.mode=offline (and `wandb sync` later) or disabled") from None
+            # Everything is plotted against the training iteration, also figures logged at evaluations
+            # (wandb's own _step counts log calls, which is meaningless across resumes and cadences).
             self.wandb.define_metric("iteration")
+            # Identity init happens before iteration 1: its progress gets its own x axis.
+            self.wandb.define_metric("identity/step")
+            for e in range(cfg.expert.num):
+                self.wandb.define_metric(f"identity/mse/e{e}", step_metric="identity/step")
             self.wandb.define_metric("*", step_metric="iteration")
+
+    def _remember(self, row: dict) -> None:
+        keep = {k: v for k, v in row.items() if v is not None and any(rx.match(k) for rx, _, _ in _CHARTS)}
+        if keep:
+            self.history.append({"iteration": row.get("iteration", 0), **keep})
 
     def log(self, metrics: dict, step: int) -> None:
         row = {"iteration": step, **_jsonable(metrics)}
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
+        self._remember(row)
         if self.wandb is not None:
             self.wandb.log({"iteration": step, **{k: v for k, v in _flatten(metrics).items() if v is not None}})
 
@@ -109,6 +190,43 @@ class Tracker(NullTracker):
             import wandb
 
             self.wandb.log({"iteration": step, name: wandb.Table(columns=columns, data=rows)})
+
+    def log_charts(self, step: int) -> None:
+        """One line chart per mechanism with every expert's mean D score on it (Figure 4), and one with
+        the three accuracies (Figure 6), drawn from the history so far.
+
+        Why custom charts: wandb draws one auto panel per key. The keys ``score/<mechanism>/e<j>``
+        put all of them in one "score" section, but one line per panel, never the committee on one
+        set of axes as in the paper. wandb.plot.line_series puts all experts of a mechanism on one
+        chart, with no workspace editing. The scalar keys stay too, for summaries, filters and
+        custom panels. Called at figure intervals (a chart is a table; logging it at every
+        ``log_every`` would store the history quadratically).
+        """
+        if self.wandb is None:
+            return
+        import wandb
+
+        series: dict[str, dict[str, list]] = {}
+        titles: dict[str, str] = {}
+        for row in self.history:
+            for k, v in row.items():
+                for rx, key_fmt, title_fmt in _CHARTS:
+                    m = rx.match(k)
+                    if m:
+                        arg = m.group(1) if m.groups() else ""
+                        chart = key_fmt.format(arg)
+                        titles[chart] = title_fmt.format(arg)
+                        line = f"E{m.group(2)}" if m.groups() and m.lastindex >= 2 else k.rsplit("/", 1)[-1]
+                        series.setdefault(chart, {}).setdefault(line, []).append((row["iteration"], v))
+                        break
+        charts = {}
+        for chart, lines in series.items():
+            names = sorted(lines, key=lambda n: (len(n), n))
+            charts[chart] = wandb.plot.line_series(
+                xs=[[p[0] for p in lines[n]] for n in names], ys=[[p[1] for p in lines[n]] for n in names],
+                keys=names, title=titles[chart], xname="iteration")
+        if charts:
+            self.wandb.log({"iteration": step, **charts})
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
@@ -127,9 +245,8 @@ def _run_id(out_dir: Path, resume: bool) -> str:
     p = Path(out_dir) / "wandb_run_id"
     if resume and p.is_file():
         return p.read_text().strip()
-    import wandb
-
-    rid = wandb.util.generate_id()
+    # wandb's own id helper moved between releases; its format (8 lowercase letters and digits) is simple.
+    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     p.write_text(rid)
     return rid
 

@@ -117,7 +117,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             t0 = time.time()
 
             def on_id_step(step, mse_E):
-                if (step + 1) % 50 == 0:
+                if (step + 1) % max(1, cfg.identity_init.max_steps // 25) == 0:  # ~25 points of progress
                     # Rank 0 reports its own experts' progress; the final numbers cover all ranks.
                     tracker.log({"identity/step": step + 1,
                                  **{f"identity/mse/e{g}": float(v) for g, v in zip(experts.ids, mse_E)}}, 0)
@@ -245,7 +245,10 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         paths = _write_figures(ev, proto, names, N, rows, out)
         tracker.log_images({f"figures/{p.stem}": p for p in paths}, final_it)
-        tracker.summary({k: summary[k] for k in ("accuracy", "mechanisms_captured", "captured", "wall_seconds")})
+        _log_win_table(tracker, ev, names, final_it)
+        tracker.log_charts(final_it)
+        tracker.summary({k: summary[k] for k in ("iterations", "world_size", "accuracy", "mechanisms_captured",
+                                                 "captured", "win_matrix", "stopped_early", "wall_seconds")})
         log(f"done: {final_it} iterations in {summary['wall_seconds']:.0f}s; accuracy transformed "
             f"{ev['accuracy']['transformed']:.3f} restored {ev['accuracy']['restored']:.3f} original "
             f"{ev['accuracy']['original']:.3f}; mechanisms captured {ev['mechanisms_captured']}/{M}")
@@ -284,5 +287,10 @@ def _log_figures(tracker, ev: dict, proto, names: list[str], out: Path, it: int)
     p1 = figures.win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix_latest.png", title=f"iteration {it}")
     p2 = figures.samples_png(proto.test_x, ev["restored"], ev["winners"], fig_dir / "samples_latest.png")
     tracker.log_images({"figures/win_matrix": p1, "figures/samples": p2}, it)
+    _log_win_table(tracker, ev, names, it)
+    tracker.log_charts(it)
+
+
+def _log_win_table(tracker, ev: dict, names: list[str], it: int) -> None:
     rows = [[names[m]] + [round(float(v), 4) for v in ev["win_matrix"][m]] for m in range(len(names))]
     tracker.log_table("win_matrix_table", ["mechanism"] + [f"e{e}" for e in range(ev["win_matrix"].shape[1])], rows, it)
