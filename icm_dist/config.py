@@ -379,6 +379,9 @@ def validate(cfg: Config) -> None:
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", cfg.checkpoint.keep, "must be >= 1")
     need(cfg.tracking.log_every >= 1, "tracking.log_every", cfg.tracking.log_every, "must be >= 1")
     need(cfg.tracking.figures_every >= 0, "tracking.figures_every", cfg.tracking.figures_every, "must be >= 0")
+    need(not (cfg.tracking.figures_every and cfg.eval.every) or cfg.tracking.figures_every % cfg.eval.every == 0,
+         "tracking.figures_every", cfg.tracking.figures_every,
+         f"must be a multiple of eval.every = {cfg.eval.every} (figures are drawn at evaluations)")
     need(cfg.dist.timeout_s >= 1, "dist.timeout_s", cfg.dist.timeout_s, "must be >= 1")
     need(cfg.train.path == "fast" or cfg.train.precision == "fp32", "train.precision", cfg.train.precision,
          "the reference path runs in fp32 only")

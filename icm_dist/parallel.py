@@ -103,9 +103,11 @@ def launched_by_accelerate() -> bool:
 class Dist:
     """Rank, world size, device and the collectives of the step; no-ops in a single process."""
 
-    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, accelerator=None):
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, accelerator=None,
+                 launcher: str = "python"):
         self.rank, self.world_size, self.local_rank, self.device = rank, world_size, local_rank, device
         self.accelerator = accelerator
+        self.launcher = launcher
 
     @property
     def is_main(self) -> bool:
@@ -202,7 +204,9 @@ def init_distributed(cfg: Config) -> Dist:
         else:
             dist.init_process_group(backend=backend, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
-    d = Dist(rank, world, local_rank, device, accelerator)
+    launcher = "accelerate" if launched_by_accelerate() else ("torchrun" if "TORCHELASTIC_RUN_ID" in os.environ
+                                                                else "python")
+    d = Dist(rank, world, local_rank, device, accelerator, launcher)
     check_same_config(d, cfg)
     return d
 

@@ -1,0 +1,81 @@
+"""World-size invariance with real gloo process groups: W = 1, 2, 3, 4 train the same committee.
+
+Five experts make every plan with W > 1 uneven (3+2, 2+2+1, 2+1+1+1). Every rank runs the real
+sharded step (all-gathered scores, DDP discriminator, local expert updates) on real MNIST digits.
+"""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from test_competition import assert_adam_close
+
+STEPS = 6
+OVERRIDES = ["expert.num=5", "expert.width=8", "expert.depth=3", "discriminator.widths=[8,16,16]",
+             "discriminator.hidden=64", "data.mechanisms=[invert,up,noise,left,right]",
+             "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16"]
+
+
+def _worker(rank, world, init_file, out_dir, data_root, mode):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from icm_dist.competition import LocalExperts, competition_step, identity_init
+    from icm_dist.config import load_config
+    from icm_dist.data.protocol import build_protocol
+    from icm_dist.models import make_discriminator
+    from icm_dist.parallel import Dist, ShardPlan
+    from icm_dist.rng import sample_indices
+
+    cfg = load_config(None, [f"data.root={data_root}", f"train.expert_backward={mode}", *OVERRIDES])
+    d = Dist(rank, world, 0, torch.device("cpu"))
+    plan = ShardPlan(cfg.expert.num, world)
+    proto = build_protocol(cfg)
+    experts = LocalExperts(cfg, list(plan.block(rank)), d.device)
+    identity_init(experts, proto.transformed_x, cfg, d.device)
+    D = make_discriminator(cfg)
+    opt = torch.optim.Adam(D.parameters(), lr=1e-3)
+    ddp = d.wrap_discriminator(D)
+    winners = []
+    for t in range(STEPS):
+        f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], 16, cfg.seed, "fake-batch", t)]
+        r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], 16, cfg.seed, "real-batch", t)]
+        res = competition_step(experts, ddp, opt, f, r, plan, d)
+        winners.append(res.winners_B)
+    for j, gid in enumerate(experts.ids):
+        st = {k: v for k, v in experts.bank.expert_state(j).items() if not k.endswith("num_batches_tracked")}
+        save_file({k: v.contiguous() for k, v in st.items()}, os.path.join(out_dir, f"expert_{gid}.safetensors"))
+    if rank == 0:
+        tensors = {f"D.{k}": v for k, v in D.state_dict().items()}
+        tensors["winners"] = torch.stack(winners)
+        save_file(tensors, os.path.join(out_dir, "rank0.safetensors"))
+    dist.destroy_process_group()
+
+
+def run_world(world, data_root, mode):
+    out = tempfile.mkdtemp(prefix=f"icm_w{world}_")
+    init = os.path.join(out, "pg_init")
+    mp.start_processes(_worker, args=(world, init, out, data_root, mode), nprocs=world, start_method="spawn")
+    experts = {g: load_file(os.path.join(out, f"expert_{g}.safetensors")) for g in range(5)}
+    return experts, load_file(os.path.join(out, "rank0.safetensors"))
+
+
+@pytest.mark.parametrize("mode,worlds", [("winners", (2, 3, 4)), ("dense", (3,))])
+def test_world_size_invariance(data_root, mnist, mode, worlds):
+    """Same winners at every step; parameters equal within Adam-aware float tolerance (see
+    test_competition.assert_adam_close: DDP's all-reduce sums D's gradient in another order).
+    The default (winners) mode runs every world size; dense mode one uneven plan, to keep CI short."""
+    base_experts, base = run_world(1, data_root, mode)
+    for world in worlds:
+        experts, rank0 = run_world(world, data_root, mode)
+        assert torch.equal(rank0["winners"], base["winners"]), f"W={world}: winners differ"
+        for g in range(5):
+            for k, v in experts[g].items():
+                assert_adam_close(v, base_experts[g][k], steps=STEPS, name=f"W={world} expert {g} {k}")
+        for k, v in rank0.items():
+            if k.startswith("D."):
+                assert_adam_close(v, base[k], steps=STEPS, name=f"W={world} {k}")
