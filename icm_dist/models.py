@@ -150,7 +150,9 @@ class ExpertBank(nn.Module):
         pools, ups = _pool_after(self.cfg)
         h = x_B1HW
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            w = conv.weight.unflatten(0, (E, -1))[j]
+            # A slice of a channels_last weight is not contiguous in any format some conv kernels
+            # accept for grad_weight: copy the (small) slice, which autograd routes back to the bank.
+            w = conv.weight.unflatten(0, (E, -1))[j].contiguous()
             h = F.conv2d(h, w, padding=1)
             sl = slice(j * W, (j + 1) * W)
             mean, invstd = stats[i]
@@ -161,7 +163,7 @@ class ExpertBank(nn.Module):
                 h = F.avg_pool2d(h, 2)
             if i in ups:
                 h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-        w = self.out.weight.unflatten(0, (E, -1))[j]
+        w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()
         return torch.sigmoid(F.conv2d(h, w, self.out.bias[j:j + 1], padding=1))
 
     # -- per-expert views ------------------------------------------------------------------

@@ -16,7 +16,7 @@ from icm_dist.rng import sample_indices
 def small_cfg(data_root, *over):
     return load_config(None, [f"data.root={data_root}", "expert.num=4", "expert.width=8", "expert.depth=3",
                               "discriminator.widths=[8,16,16]", "discriminator.hidden=64",
-                              "data.mechanisms=[invert,up,noise,left]", "data.transformed_examples=2000",
+                              "data.mechanisms=[invert,up,noise,left]", "data.transformed_examples=2000", "train.precision=fp32",
                               *over])
 
 

@@ -18,7 +18,7 @@ from test_competition import assert_adam_close
 STEPS = 6
 OVERRIDES = ["expert.num=5", "expert.width=8", "expert.depth=3", "discriminator.widths=[8,16,16]",
              "discriminator.hidden=64", "data.mechanisms=[invert,up,noise,left,right]",
-             "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16"]
+             "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16", "train.precision=fp32"]
 
 
 def _worker(rank, world, init_file, out_dir, data_root, mode):
