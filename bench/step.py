@@ -1,0 +1,186 @@
+"""The training step: the reference path against the fast path, side by side in one run.
+
+    python bench/step.py                      # paper config (10 experts, batch 32) and 40 experts
+    python bench/step.py --experts 10 --steps 20 --device cuda
+
+Reference path: ``competition.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
+dense backward through every expert and D, and a separate D update (what the public
+implementations do). Fast path: ``competition.competition_step`` with the default config (batched
+experts as grouped convolutions, channels_last, bf16 autocast where native, one D pass that both
+scores and trains, a backward only through the winners). Steps alternate between the two paths so
+that both see the same machine state; the medians are compared. Also: identity-initialization
+and evaluation throughput, and peak memory of each path (measured in a child process each).
+
+The last line reads ``speedup N.NNx`` (reference over fast, paper config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from icm_dist.competition import LocalExperts, competition_step, identity_init, reference_step, resolve_precision  # noqa: E402
+from icm_dist.config import load_config  # noqa: E402
+from icm_dist.data.protocol import build_protocol  # noqa: E402
+from icm_dist.evaluate import run_committee  # noqa: E402
+from icm_dist.models import make_discriminator  # noqa: E402
+from icm_dist.parallel import Dist, ShardPlan  # noqa: E402
+from icm_dist.rng import sample_indices  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def setup(experts: int, device: str, overrides=()):
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "paper.yaml"),
+                      [f"expert.num={experts}", f"device={device}", *overrides])
+    proto = build_protocol(cfg)
+    d = Dist(0, 1, 0, torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")))
+    return cfg, proto, d
+
+
+def batch(proto, cfg, t, device):
+    B = cfg.train.batch_size
+    f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], B, cfg.seed, "fake-batch", t)]
+    r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], B, cfg.seed, "real-batch", t)]
+    return f.to(device), r.to(device)
+
+
+def make_paths(cfg, d):
+    fast = LocalExperts(cfg, list(range(cfg.expert.num)), d.device)
+    D_fast = make_discriminator(cfg).to(d.device)
+    if cfg.train.channels_last:
+        D_fast = D_fast.to(memory_format=torch.channels_last)
+    opt_fast = torch.optim.Adam(D_fast.parameters(), lr=1e-3)
+    ref = [e.float().to(memory_format=torch.contiguous_format) for e in fast.bank.to_experts()]
+    ref_opts = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in ref]
+    D_ref = copy.deepcopy(D_fast).to(memory_format=torch.contiguous_format)
+    opt_ref = torch.optim.Adam(D_ref.parameters(), lr=1e-3)
+    return (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref)
+
+
+def time_steps(cfg, proto, d, steps: int, warmup: int = 3):
+    plan = ShardPlan(cfg.expert.num, 1)
+    (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref) = make_paths(cfg, d)
+    t_fast, t_ref = [], []
+    for t in range(warmup + steps):
+        f, r = batch(proto, cfg, t, d.device)
+        # Alternate: each pair of measurements sees the same machine state.
+        sync(d.device)
+        t0 = time.perf_counter()
+        reference_step(ref, ref_opts, D_ref, opt_ref, f, r)
+        sync(d.device)
+        t1 = time.perf_counter()
+        competition_step(fast, D_fast, opt_fast, f, r, plan, d)
+        sync(d.device)
+        t2 = time.perf_counter()
+        if t >= warmup:
+            t_ref.append(t1 - t0)
+            t_fast.append(t2 - t1)
+    return statistics.median(t_ref), statistics.median(t_fast)
+
+
+def throughput(cfg, proto, d):
+    """Identity-init steps/s and evaluation examples/s of the fast path."""
+    ex = LocalExperts(cfg, list(range(cfg.expert.num)), d.device)
+    cfg_id = copy.deepcopy(cfg)
+    cfg_id.identity_init.max_steps = 10
+    cfg_id.identity_init.mse = 1e-9  # never converges: times exactly max_steps steps
+    identity_init(ex, proto.transformed_x.to(d.device), cfg_id, d.device)  # warm-up
+    sync(d.device)
+    t0 = time.perf_counter()
+    identity_init(ex, proto.transformed_x.to(d.device), cfg_id, d.device)
+    sync(d.device)
+    id_rate = 10 / (time.perf_counter() - t0)
+    D = make_discriminator(cfg).to(d.device)
+    plan = ShardPlan(cfg.expert.num, 1)
+    n = 2000
+    run_committee(ex, D, proto.test_x[:500], plan, d, cfg)
+    sync(d.device)
+    t0 = time.perf_counter()
+    run_committee(ex, D, proto.test_x[:n], plan, d, cfg)
+    sync(d.device)
+    return id_rate, n / (time.perf_counter() - t0)
+
+
+def peak_memory(path: str, experts: int, device: str, steps: int = 5) -> float:
+    """Peak memory in MiB of ``steps`` steps of one path, in a fresh child process."""
+    code = f"""
+import sys, resource, torch
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+sys.argv = ['x']
+from bench.step import setup, make_paths, batch
+from icm_dist.competition import competition_step, reference_step
+from icm_dist.parallel import ShardPlan
+cfg, proto, d = setup({experts}, {device!r})
+(fast, Df, of), (ref, ro, Dr, orf) = make_paths(cfg, d)
+del proto.test_x, proto.test_clean
+import gc; gc.collect()
+if d.device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for t in range({steps}):
+    f, r = batch(proto, cfg, t, d.device)
+    if {path!r} == 'fast':
+        competition_step(fast, Df, of, f, r, ShardPlan(cfg.expert.num, 1), d)
+    else:
+        reference_step(ref, ro, Dr, orf, f, r)
+if d.device.type == 'cuda':
+    print(torch.cuda.max_memory_allocated() / 2**20)
+else:
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experts", type=int, nargs="*", default=[10, 40], help="committee sizes (first is the headline)")
+    ap.add_argument("--steps", type=int, default=15, help="measured steps per path (after 3 warm-up steps)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--json", help="also write the results to this JSON file")
+    args = ap.parse_args()
+    rows = []
+    for n in args.experts:
+        cfg, proto, d = setup(n, args.device)
+        ref_s, fast_s = time_steps(cfg, proto, d, args.steps)
+        id_rate, eval_rate = throughput(cfg, proto, d)
+        mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device),
+                                                   peak_memory("fast", n, args.device))
+        rows.append({"experts": n, "reference_ms": 1000 * ref_s, "fast_ms": 1000 * fast_s, "speedup": ref_s / fast_s,
+                     "identity_steps_per_s": id_rate, "eval_examples_per_s": eval_rate,
+                     "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
+    dev = d.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
+          f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}; batch {cfg.train.batch_size}")
+    print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} {'id steps/s':>10} {'eval ex/s':>9} "
+          f"{'ref MiB':>8} {'fast MiB':>8}")
+    for r in rows:
+        mem = (f"{r['reference_peak_mib']:8.0f} {r['fast_peak_mib']:8.0f}" if r["fast_peak_mib"] is not None
+               else f"{'-':>8} {'-':>8}")
+        print(f"{r['experts']:>7} {r['reference_ms']:13.1f} {r['fast_ms']:8.1f} {r['speedup']:5.2f}x "
+              f"{r['identity_steps_per_s']:10.2f} {r['eval_examples_per_s']:9.0f} {mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "rows": rows}, f, indent=1)
+    print(f"speedup {rows[0]['speedup']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Config loading and validation: every bad input stops with one message naming the key."""
+
+from pathlib import Path
+
+import pytest
+
+from icm_dist.config import Config, apply_override, config_hash, load_config
+from icm_dist.errors import ConfigError
+
+
+def test_defaults_are_the_paper():
+    cfg = load_config(None)
+    assert cfg.expert.num == 10 and cfg.train.batch_size == 32 and cfg.train.iterations == 2000
+    assert len(cfg.data.mechanisms) == 10
+    assert cfg.identity_init.max_steps == 500 and cfg.identity_init.mse == 0.002
+
+
+def test_shipped_configs_load():
+    for name in ("paper", "quick", "tiny"):
+        load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+
+
+def test_overrides_are_yaml_scalars():
+    cfg = load_config(None, ["seed=3", "train.iterations=500", "run.out_dir=runs/x", "data.mechanisms=[invert,noise]",
+                             "train.stop_when_stable=null", "resume=auto", "tracking.wandb.mode=offline"])
+    assert cfg.seed == 3 and cfg.train.iterations == 500 and cfg.run.out_dir == "runs/x"
+    assert cfg.data.mechanisms == ["invert", "noise"] and cfg.resume == "auto"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.iteratons=5", "unknown config key 'train.iteratons' (did you mean 'train.iterations'?)"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("train.batch_size=0", "config key 'train.batch_size' = 0: must be >= 1"),
+    ("train.batch_size=abc", "config key 'train.batch_size': expected an integer, got 'abc'"),
+    ("expert.num=0", "config key 'expert.num' = 0: needs at least one expert"),
+    ("data.mechanisms=[]", "config key 'data.mechanisms' = []: needs at least one mechanism"),
+    ("data.mechanisms=[invert,twist]", "config key 'data.mechanisms' = 'twist': is not a known mechanism"),
+    ("train.precision=fp8", "config key 'train.precision': 'fp8' is not one of auto, fp32, bf16"),
+    ("train.lr_expert=-1", "config key 'train.lr_expert' = -1.0: must be > 0"),
+    ("identity_init.enabled=maybe", "config key 'identity_init.enabled': expected true or false"),
+    ("train=3", "config section 'train' must be a mapping"),
+    ("seed", "override 'seed' is not of the form key.path=value"),
+    ("expert.pool=2", "config key 'expert.depth' = 4: must be at least 2 * expert.pool = 4") ,
+])
+def test_bad_values_name_the_key(override, message):
+    if override == "expert.pool=2":  # depth 4 allows pool 2; depth 3 does not
+        with pytest.raises(ConfigError, match="must be at least 2"):
+            load_config(None, ["expert.pool=2", "expert.depth=3"])
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {iterations: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("expert:\n  widht: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'expert.widht' \\(did you mean 'expert.width'\\?\\)"):
+        load_config(unknown)
+
+
+def test_hash_changes_with_any_field():
+    a, b = Config(), Config()
+    assert config_hash(a) == config_hash(b)
+    apply_override(b, "seed=1")
+    assert config_hash(a) != config_hash(b)
