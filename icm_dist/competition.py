@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import Config, TrainConfig
 from .models import Expert, ExpertBank
-from .parallel import Dist, ShardPlan, real_slice, settle_winners
+from .parallel import Dist, ShardPlan, real_slice, settle_winners, settle_winners_capped
 from .rng import sample_indices
 
 
@@ -180,8 +180,12 @@ class StepResult:
 
 
 def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor,
-                     x_real_B1HW: torch.Tensor, plan: ShardPlan, d: Dist) -> StepResult:
-    """One iteration of Algorithm 1 on this rank (the fast path). ``disc`` may be wrapped in DDP."""
+                     x_real_B1HW: torch.Tensor, plan: ShardPlan, d: Dist, capacity: int | None = None) -> StepResult:
+    """One iteration of Algorithm 1 on this rank (the fast path). ``disc`` may be wrapped in DDP.
+
+    ``capacity``: if set, no expert wins more than this many examples of the batch (see
+    :func:`settle_winners_capped`); None is the paper's plain argmax.
+    """
     cfg = experts.cfg
     B, _, H, W = x_fake_B1HW.shape
     E, N = experts.num, plan.num_experts
@@ -210,7 +214,7 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
         logits = disc(torch.cat([reals, fakes], dim=0)).float()
     real_logits, fake_logits_BE = logits[:R], logits[R:].view(B, E)
     scores_BN = d.gather_scores(fake_logits_BE.detach(), plan)
-    winners_B = settle_winners(scores_BN)
+    winners_B = settle_winners(scores_BN) if capacity is None else settle_winners_capped(scores_BN, capacity)
 
     # Equation (3), this rank's share: its slice of the real batch and its experts' fakes. DDP averages
     # gradients over ranks, so the share is scaled by W to make the average the single-process gradient.

@@ -106,6 +106,12 @@ class TrainConfig:
     """``dense``: the paper's formulation, every expert's graph over the whole batch (BatchNorm statistics
     carry gradient from every example). ``winners``: each winner re-runs only on the examples it won,
     with the batch statistics held fixed: the same outputs, a backward only where a loss exists."""
+    capacity_factor: Optional[float] = None
+    """Beyond the paper: during the first ``capacity_iterations``, no expert may win more than
+    ceil(capacity_factor * batch_size / expert.num) examples of a batch; the rest go to their best expert
+    with room. Keeps one expert from taking several mechanisms early (the paper's failure mode). None: off."""
+    capacity_iterations: int = 500
+    """Iterations during which ``capacity_factor`` applies (afterwards winners are the plain argmax)."""
     stop_when_stable: Optional[int] = None
     """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
 
@@ -361,6 +367,9 @@ def validate(cfg: Config) -> None:
         need(v > 0, f"train.{key}", v, "must be > 0")
     need(len(cfg.train.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas),
          "train.betas", cfg.train.betas, "must be two numbers in [0, 1)")
+    need(cfg.train.capacity_factor is None or cfg.train.capacity_factor >= 1, "train.capacity_factor",
+         cfg.train.capacity_factor, "must be >= 1 (every example needs a place) or null")
+    need(cfg.train.capacity_iterations >= 0, "train.capacity_iterations", cfg.train.capacity_iterations, "must be >= 0")
     need(cfg.train.stop_when_stable is None or cfg.train.stop_when_stable >= 1, "train.stop_when_stable",
          cfg.train.stop_when_stable, "must be >= 1 or null")
     need(cfg.train.stop_when_stable is None or cfg.eval.every >= 1, "train.stop_when_stable",

@@ -93,6 +93,33 @@ def settle_winners(scores_BN: torch.Tensor) -> torch.Tensor:
     return torch.where(is_max, ids, big).min(dim=1).values
 
 
+def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Winners when no expert may take more than ``capacity`` examples of the batch.
+
+    Pairs (example, expert) are taken in order of decreasing score (ties: lower example, then lower
+    expert id); a pair is assigned when its example is still free and its expert has room. Every
+    example whose best expert has room gets that expert, as with :func:`settle_winners`; the rest
+    go to their best expert with room. Computed from the gathered score matrix, so every rank
+    settles the same winners.
+    """
+    B, N = scores_BN.shape
+    if capacity * N < B:
+        raise ValueError(f"capacity {capacity} x {N} experts cannot hold {B} examples")
+    order = torch.sort(-scores_BN.detach().float().flatten().cpu(), stable=True).indices.tolist()
+    winners = [-1] * B
+    load = [0] * N
+    free = B
+    for k in order:
+        i, j = divmod(k, N)
+        if winners[i] < 0 and load[j] < capacity:
+            winners[i] = j
+            load[j] += 1
+            free -= 1
+            if free == 0:
+                break
+    return torch.tensor(winners, device=scores_BN.device)
+
+
 # ----------------------------------------------------------------------------- process groups
 
 
@@ -175,6 +202,22 @@ def _pick_device(cfg: Config, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _restart_store(rank: int, world: int, timeout) -> dict:
+    """After a torchrun restart: the agent's store under a prefix of this attempt's own.
+
+    torchrun's agent keeps one TCPStore for the whole job, and this torch's env:// rendezvous adds no
+    per-attempt prefix, so restarted workers read the failed attempt's keys (gloo's peer addresses) and
+    cannot connect (the problem of pytorch#135712). Prefixing by TORCHELASTIC_RESTART_COUNT isolates
+    the attempts; the first launch is left exactly as torch sets it up.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt in ("", "0"):
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return {"store": dist.PrefixStore(f"/icm-dist/attempt_{attempt}", store), "rank": rank, "world_size": world}
+
+
 def init_distributed(cfg: Config) -> Dist:
     """Join the process group that the launcher describes (torchrun, accelerate, or none).
 
@@ -203,7 +246,8 @@ def init_distributed(cfg: Config) -> Dist:
                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
         else:
             dist.init_process_group(backend=backend, timeout=timeout,
-                                    device_id=device if device.type == "cuda" else None)
+                                    device_id=device if device.type == "cuda" else None,
+                                    **_restart_store(rank, world, timeout))
     launcher = "accelerate" if launched_by_accelerate() else ("torchrun" if "TORCHELASTIC_RUN_ID" in os.environ
                                                                 else "python")
     d = Dist(rank, world, local_rank, device, accelerator, launcher)

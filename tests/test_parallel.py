@@ -44,3 +44,19 @@ def test_pad_and_unpad_restore_global_order():
 def test_winners_argmax_ties_to_lowest_id():
     s = torch.tensor([[0.1, 0.9, 0.9], [2.0, 2.0, 2.0], [-1.0, -3.0, -0.5], [0.0, float("-inf"), 0.0]])
     assert settle_winners(s).tolist() == [1, 0, 2, 0]
+
+
+def test_capped_winners_respect_capacity_and_prefer_the_argmax():
+    from icm_dist.parallel import settle_winners_capped
+
+    s = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.7, 0.0, 0.6], [0.1, 0.9, 0.0]])
+    # capacity 2: expert 0 keeps its two highest scores (rows 0, 1); row 2 goes to its next best (2).
+    assert settle_winners_capped(s, 2).tolist() == [0, 0, 2, 1]
+    # with room for everyone it is the plain argmax
+    assert settle_winners_capped(s, 4).tolist() == settle_winners(s).tolist()
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(32, 10, generator=g)
+    w = settle_winners_capped(r, 4)
+    assert torch.bincount(w, minlength=10).max() <= 4
+    with pytest.raises(ValueError):
+        settle_winners_capped(r, 3)
