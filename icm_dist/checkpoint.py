@@ -3,15 +3,20 @@
 Layout of ``checkpoints/iter_NNNNNNN/`` (docs/checkpoint-format.md has the full description):
 
 - ``expert_NNN.safetensors`` per global expert: ``model.*`` (an ``Expert`` state dict: weights and
-  BatchNorm buffers), ``optim.*.exp_avg`` / ``optim.*.exp_avg_sq`` / ``optim.step`` (its Adam);
+  BatchNorm buffers), ``optim.<param>.exp_avg`` / ``optim.<param>.exp_avg_sq`` / ``optim.step``
+  (its Adam);
 - ``discriminator.safetensors``: ``model.*`` and ``optim.<i>.{exp_avg,exp_avg_sq,step}``;
-- ``manifest.json``: format version, iteration, world size at save, the config, the sha256 of
-  every file, trainer state and the latest metrics.
+- ``manifest.json``: format version, iteration, world size at save, the config, the sha256 and size
+  of every file, trainer state and the metrics so far.
 
 Every rank writes its own experts into ``.tmp_iter_NNNNNNN``; rank 0 then writes D and the
 manifest, fsyncs, and renames the directory into place, then replaces ``latest``. A crash at any
 moment leaves either the previous complete checkpoint or the new one, never half of one. No pickle
-is involved anywhere.
+is involved anywhere: tensors are safetensors, everything else is JSON.
+
+The save is split into three phases (:func:`begin_checkpoint`, :func:`write_experts`,
+:func:`finish_checkpoint`) that :func:`save_checkpoint` runs with barriers between them; tests run
+the phases for several simulated ranks in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +37,13 @@ from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 EXPERT_FORMAT = "icm-dist-expert/1"
+DISCRIMINATOR_FORMAT = "icm-dist-discriminator/1"
+DISCRIMINATOR_FILE = "discriminator.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+# Config keys whose values fix the shapes of the saved tensors: a checkpoint fits a run only if they agree.
+SHAPE_KEYS = [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"),
+              ("discriminator", "widths"), ("discriminator", "hidden")]
 
 
 def expert_filename(gid: int) -> str:
@@ -49,6 +62,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
@@ -57,73 +75,130 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _save(tensors: dict, path: Path, metadata: dict) -> None:
+def save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """Write a safetensors file and fsync it (metadata values must be strings)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
         os.fsync(f.fileno())
 
 
 def expert_metadata(cfg: Config, gid: int, extra: dict | None = None) -> dict:
     meta = {"format": EXPERT_FORMAT, "expert_id": str(gid), "expert_config": json.dumps(to_dict(cfg)["expert"])}
     for k, v in (extra or {}).items():
-        meta[k] = json.dumps(v)
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
     return meta
+
+
+def expert_tensors(model_state: dict, optim_state: dict) -> dict:
+    """The tensors of one expert file: ``model.*`` and ``optim.*``."""
+    out = {f"model.{k}": v for k, v in model_state.items()}
+    out.update({f"optim.{k}": v for k, v in optim_state.items()})
+    return out
+
+
+def discriminator_tensors(disc_module: torch.nn.Module, d_opt: torch.optim.Optimizer) -> dict:
+    tensors = {f"model.{k}": v for k, v in disc_module.state_dict().items()}
+    for i, st in d_opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+    return tensors
+
+
+def discriminator_metadata(disc_module: torch.nn.Module) -> dict:
+    # optim.<i> is the i-th parameter of the module, in this order.
+    return {"format": DISCRIMINATOR_FORMAT,
+            "optim_params": json.dumps([n for n, _ in disc_module.named_parameters()])}
 
 
 # ----------------------------------------------------------------------------- save
 
 
+def begin_checkpoint(run_dir: Path, iteration: int) -> Path:
+    """Rank 0: an empty temporary directory for the checkpoint of ``iteration`` (stale ones removed)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for p in root.iterdir():  # debris of a save that crashed halfway
+        if p.is_dir() and (p.name.startswith(".tmp_") or p.name.startswith(".old_")):
+            shutil.rmtree(p, ignore_errors=True)
+    tmp = root / f".tmp_{iter_dirname(iteration)}"
+    tmp.mkdir()
+    return tmp
+
+
+def write_experts(tmp: Path, cfg: Config, experts, iteration: int) -> None:
+    """Every rank: one file per expert it owns, each complete and fsynced when this returns."""
+    for j, gid in enumerate(experts.ids):
+        tensors = expert_tensors(experts.bank.expert_state(j), experts.opt.expert_state(j))
+        save_tensors(tensors, tmp / expert_filename(gid),
+                     expert_metadata(cfg, gid, {"iteration": str(iteration)}))
+
+
+def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, d_opt, world_size: int,
+                      trainer_state: dict, metrics, keep: int, extra: dict | None = None) -> Path:
+    """Rank 0, after every rank's experts are written: D, the manifest, the rename, ``latest``, pruning."""
+    root = tmp.parent
+    name = iter_dirname(iteration)
+    final = root / name
+    num = cfg.expert.num
+    missing = [expert_filename(g) for g in range(num) if not (tmp / expert_filename(g)).is_file()]
+    if missing:  # a bug in the caller, not a user error: never publish a checkpoint without its experts
+        raise RuntimeError(f"checkpoint {tmp}: expert files {missing} were not written")
+    save_tensors(discriminator_tensors(disc_module, d_opt), tmp / DISCRIMINATOR_FILE, discriminator_metadata(disc_module))
+    files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "iteration": iteration,
+        "world_size": world_size,
+        "num_experts": num,
+        "experts": [expert_filename(g) for g in range(num)],
+        "config": to_dict(cfg),
+        "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+        "trainer_state": trainer_state,
+        "metrics": metrics,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch_version": torch.__version__,
+        **(extra or {}),
+    }
+    write_json(tmp / MANIFEST_FILE, manifest)
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save of the same iteration (after a restart): swap, never a moment without one
+        old = root / f".old_{name}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(name + "\n")
+    with open(latest_tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    _prune(root, keep, protect=name)
+    return final
+
+
 def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts, disc_module, d_opt, d, plan,
-                    trainer_state: dict, metrics: dict, keep: int) -> Path:
+                    trainer_state: dict, metrics, keep: int) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory."""
     root = Path(run_dir) / "checkpoints"
-    name = iter_dirname(iteration)
-    tmp, final = root / f".tmp_{name}", root / name
+    tmp = root / f".tmp_{iter_dirname(iteration)}"
     if d.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        begin_checkpoint(run_dir, iteration)
     d.barrier()  # the directory exists before anyone writes into it
-
-    for j, gid in enumerate(experts.ids):
-        tensors = {f"model.{k}": v for k, v in experts.bank.expert_state(j).items()}
-        tensors.update({f"optim.{k}": v for k, v in experts.opt.expert_state(j).items()})
-        _save(tensors, tmp / expert_filename(gid), expert_metadata(cfg, gid))
+    write_experts(tmp, cfg, experts, iteration)
     d.barrier()  # every expert file is complete and synced
-
     if d.is_main:
-        tensors = {f"model.{k}": v for k, v in disc_module.state_dict().items()}
-        for i, st in d_opt.state_dict()["state"].items():
-            for k, v in st.items():
-                tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-        _save(tensors, tmp / "discriminator.safetensors", {"format": "icm-dist-discriminator/1"})
-        files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "iteration": iteration,
-            "world_size": d.world_size,
-            "num_experts": plan.num_experts,
-            "config": to_dict(cfg),
-            "files": {f: sha256_file(tmp / f) for f in files},
-            "trainer_state": trainer_state,
-            "metrics": metrics,
-        }
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same iteration (e.g. after a restart) replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / "latest")
-        _fsync_dir(root)
-        _prune(root, keep, protect=name)
-    d.barrier()
-    return final
+        finish_checkpoint(tmp, iteration, cfg, disc_module, d_opt, d.world_size, trainer_state, metrics, keep)
+    d.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+    return root / iter_dirname(iteration)
 
 
 def _prune(root: Path, keep: int, protect: str) -> None:
@@ -137,31 +212,48 @@ def _prune(root: Path, keep: int, protect: str) -> None:
 
 
 def read_manifest(ckpt: Path) -> dict:
-    path = Path(ckpt) / "manifest.json"
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"checkpoint '{ckpt}' does not exist")
+    path = ckpt / MANIFEST_FILE
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{ckpt}' has no manifest.json (incomplete or not a checkpoint)")
+        raise CheckpointError(f"checkpoint '{ckpt}' has no {MANIFEST_FILE} (incomplete or not a checkpoint)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint manifest '{path}' is not valid JSON ({e})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint '{ckpt}' has format version {manifest.get('format_version')!r}; "
+        raise CheckpointError(f"checkpoint manifest '{path}' is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(f"checkpoint manifest '{path}' has format version {got!r}; "
                               f"this icm-dist reads version {FORMAT_VERSION}")
+    for key, tp in (("iteration", int), ("config", dict), ("files", dict), ("num_experts", int)):
+        if not isinstance(manifest.get(key), tp):
+            raise CheckpointError(f"checkpoint manifest '{path}': field '{key}' is missing or malformed")
     return manifest
 
 
 def verify_checkpoint(ckpt: Path, files: list[str] | None = None) -> dict:
     """Check the manifest and the sha256 of ``files`` (all by default); raise CheckpointError naming the file."""
+    ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
-    wanted = manifest["files"] if files is None else {f: manifest["files"].get(f) for f in files}
-    for f, digest in wanted.items():
-        p = Path(ckpt) / f
-        if digest is None:
-            raise CheckpointError(f"checkpoint '{ckpt}': manifest lists no file '{f}'")
+    listed = manifest["files"]
+    if files is None:
+        needed = [expert_filename(g) for g in range(manifest["num_experts"])] + [DISCRIMINATOR_FILE]
+        files = sorted(set(listed) | set(needed))
+    for f in files:
+        entry = listed.get(f)
+        p = ckpt / f
+        if not isinstance(entry, dict) or "sha256" not in entry:
+            raise CheckpointError(f"checkpoint '{ckpt}': {MANIFEST_FILE} lists no file '{f}' (incomplete manifest)")
         if not p.is_file():
             raise CheckpointError(f"checkpoint '{ckpt}': file '{f}' is missing")
-        if sha256_file(p) != digest:
-            raise CheckpointError(f"checkpoint '{ckpt}': file '{f}' fails its sha256 check (corrupt or truncated)")
+        size = p.stat().st_size
+        if "bytes" in entry and size != entry["bytes"]:
+            raise CheckpointError(f"checkpoint '{ckpt}': file '{f}' has {size} bytes but the manifest says "
+                                  f"{entry['bytes']} (truncated or overwritten)")
+        if sha256_file(p) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint '{ckpt}': file '{f}' fails its sha256 check (corrupt: its bytes "
+                                  f"changed since the save)")
     return manifest
 
 
@@ -169,14 +261,19 @@ def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
     """The checkpoint's shapes must fit the run: same committee and networks (world size may differ)."""
     saved = manifest["config"]
     now = to_dict(cfg)
-    for section, key in [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"),
-                         ("discriminator", "widths"), ("discriminator", "hidden")]:
-        if saved[section][key] != now[section][key]:
-            raise CheckpointError(f"checkpoint '{ckpt}' was saved with {section}.{key}={saved[section][key]!r} but "
-                                  f"this run has {section}.{key}={now[section][key]!r}; use a matching config")
+    for section, key in SHAPE_KEYS:
+        got = saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None
+        if got != now[section][key]:
+            raise CheckpointError(f"checkpoint '{ckpt}' was saved with {section}.{key}={got!r} but "
+                                  f"this run has {section}.{key}={now[section][key]!r}; use a matching config "
+                                  f"(or icm-dist surgery to change the committee)")
+    if manifest["num_experts"] != cfg.expert.num:
+        raise CheckpointError(f"checkpoint '{ckpt}': {MANIFEST_FILE} says num_experts={manifest['num_experts']} "
+                              f"but its config says expert.num={saved['expert']['num']}")
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint directories of a run, newest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -184,15 +281,80 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_resumable(run_dir: Path, cfg: Config, log=print) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that verifies and fits; says so when it skips a newer one."""
-    for ckpt in list_checkpoints(run_dir):
+    """The newest checkpoint in ``run_dir`` that verifies and fits; says so when it skips a newer one.
+
+    None when the run has no checkpoint at all; a CheckpointError when it has some but none is usable
+    (starting fresh would silently throw that work away and, through pruning, delete it).
+    """
+    found = list_checkpoints(run_dir)
+    errors = []
+    for ckpt in found:
         try:
             manifest = verify_checkpoint(ckpt)
             check_compatible(manifest, cfg, ckpt)
-            return ckpt
         except CheckpointError as e:
-            log(f"warning: skipping checkpoint: {e}; falling back to an older one")
+            errors.append(str(e))
+            log(f"warning: skipping checkpoint {ckpt.name}: {e}; falling back to an older one")
+            continue
+        if errors:
+            log(f"warning: resuming from {ckpt.name}, the newest checkpoint that verifies "
+                f"({len(errors)} newer one(s) skipped)")
+        return ckpt
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in '{Path(run_dir) / 'checkpoints'}' verifies and "
+                              f"fits this config (newest: {errors[0]}); repair or move them away, fix the config, "
+                              "or use a new run.out_dir")
     return None
+
+
+def locate(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory."""
+    p = Path(path)
+    for cand in (p, p / "checkpoints"):
+        if (cand / "latest").is_file() and not (cand / MANIFEST_FILE).is_file():
+            name = (cand / "latest").read_text().strip()
+            return cand / name
+    return p
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (0 on the first launch)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def resolve_resume(cfg: Config, log=print, restarts: int | None = None) -> Path | None:
+    """The checkpoint this run starts from (rank 0 calls it; the trainer broadcasts the answer).
+
+    - ``resume=auto``: the newest checkpoint in run.out_dir that verifies and fits, or none (fresh start);
+    - ``resume=<path>``: that checkpoint (or the ``latest`` of a run or checkpoints directory), strictly;
+    - a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) first looks for the newest usable checkpoint in
+      run.out_dir whatever ``resume`` says: with ``resume: null`` a restart behaves as ``auto``, and with a
+      path it continues from this run's own progress once there is some.
+    """
+    restarts = restart_count() if restarts is None else restarts
+    out = Path(cfg.run.out_dir)
+    if restarts > 0 or cfg.resume == "auto":
+        found = find_resumable(out, cfg, log=log)
+        why = f"torchrun restart {restarts}" if restarts > 0 else "resume=auto"
+        if found is not None:
+            log(f"{why}: resuming from {found}")
+            return found
+        if cfg.resume in (None, "auto"):
+            log(f"{why}: no checkpoint in {out / 'checkpoints'}, starting fresh")
+            return None
+    if not cfg.resume:
+        existing = list_checkpoints(out)
+        if existing:
+            log(f"warning: {out / 'checkpoints'} already holds checkpoints of an earlier run (newest {existing[0].name}); "
+                "this fresh run writes next to them and prunes the oldest. Use resume=auto to continue that run "
+                "or a new run.out_dir to keep them apart")
+        return None
+    p = locate(cfg.resume)
+    check_compatible(verify_checkpoint(p), cfg, p)
+    return p
 
 
 # ----------------------------------------------------------------------------- load
@@ -202,42 +364,81 @@ def _split(tensors: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
-def load_expert_file(path: Path) -> tuple[dict, dict, dict]:
-    """(model state dict, optimizer state, metadata) of one expert file."""
+def read_tensors(path: Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file; a CheckpointError naming the file if it cannot be read."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        return load_file(str(path)), meta
+    except FileNotFoundError:
+        raise CheckpointError(f"file '{path}' does not exist") from None
     except Exception as e:  # safetensors raises its own error types for truncated/garbled files
-        raise CheckpointError(f"cannot read expert file '{path}': {e}") from None
+        raise CheckpointError(f"cannot read '{path}' as safetensors ({_one_line(e)})") from None
+
+
+def load_expert_file(path: Path) -> tuple[dict, dict, dict]:
+    """(model state dict, optimizer state, metadata) of one expert file."""
+    tensors, meta = read_tensors(path)
     return _split(tensors, "model."), _split(tensors, "optim."), meta
 
 
+def check_fits(where: str, got: dict, template: dict) -> None:
+    """``got`` must have exactly the keys of ``template`` with the same shapes; the error names the first misfit."""
+    missing = sorted(set(template) - set(got))
+    extra = sorted(set(got) - set(template))
+    if missing or extra:
+        parts = ([f"missing {missing[:4]}"] if missing else []) + ([f"unexpected {extra[:4]}"] if extra else [])
+        raise CheckpointError(f"{where} does not fit this run's networks: {', '.join(parts)}")
+    for k, t in template.items():
+        if tuple(got[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: tensor '{k}' has shape {tuple(got[k].shape)} but this run's config "
+                                  f"needs {tuple(t.shape)}")
+
+
 def load_into(ckpt: Path, cfg: Config, experts, disc_module, d_opt, verify: bool = True) -> dict:
-    """Load the experts this rank owns now, D and its optimizer. Returns the manifest."""
+    """Load the experts this rank owns now, D and its optimizer. Returns the manifest.
+
+    Experts are addressed by global id, so a checkpoint saved at any world size loads at any other.
+    """
     ckpt = Path(ckpt)
     own = [expert_filename(g) for g in experts.ids]
-    manifest = verify_checkpoint(ckpt, own + ["discriminator.safetensors"]) if verify else read_manifest(ckpt)
+    manifest = verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE]) if verify else read_manifest(ckpt)
     check_compatible(manifest, cfg, ckpt)
+    if experts.ids:
+        model_t = experts.bank.expert_state(0)
+        optim_t = experts.opt.expert_state(0)
     for j, gid in enumerate(experts.ids):
-        model, optim, _ = load_expert_file(ckpt / expert_filename(gid))
+        fname = expert_filename(gid)
+        model, optim, _ = load_expert_file(ckpt / fname)
+        check_fits(f"checkpoint '{ckpt}': {fname} (model)", model, model_t)
+        check_fits(f"checkpoint '{ckpt}': {fname} (optimizer)", optim, optim_t)
         try:
             experts.bank.load_expert_state(j, model)
             experts.opt.load_expert_state(j, optim)
         except (KeyError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint '{ckpt}': {expert_filename(gid)} does not fit the config ({e})") from None
-    try:
-        tensors = load_file(str(ckpt / "discriminator.safetensors"))
-        disc_module.load_state_dict(_split(tensors, "model."))
-    except Exception as e:
-        raise CheckpointError(f"checkpoint '{ckpt}': discriminator.safetensors does not fit the config ({e})") from None
+            raise CheckpointError(f"checkpoint '{ckpt}': {fname} does not fit the config ({_one_line(e)})") from None
+    tensors, _ = read_tensors(ckpt / DISCRIMINATOR_FILE)
+    where = f"checkpoint '{ckpt}': {DISCRIMINATOR_FILE}"
+    check_fits(where + " (model)", _split(tensors, "model."), disc_module.state_dict())
+    disc_module.load_state_dict(_split(tensors, "model."))
     opt_tensors = _split(tensors, "optim.")
+    params = list(disc_module.parameters())
     sd = d_opt.state_dict()
     state = {}
-    for i in range(len(sd["param_groups"][0]["params"])):
-        st = {k: opt_tensors[f"{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq") if f"{i}.{k}" in opt_tensors}
-        if st:
-            state[i] = st
+    for i, p in enumerate(params):
+        st = {k: opt_tensors.pop(f"{i}.{k}") for k in ("step", "exp_avg", "exp_avg_sq") if f"{i}.{k}" in opt_tensors}
+        if not st:
+            continue
+        if set(st) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise CheckpointError(f"{where}: optimizer state of parameter {i} is incomplete ({sorted(st)})")
+        for k in ("exp_avg", "exp_avg_sq"):
+            if tuple(st[k].shape) != tuple(p.shape):
+                raise CheckpointError(f"{where}: tensor 'optim.{i}.{k}' has shape {tuple(st[k].shape)} but this "
+                                      f"run's discriminator needs {tuple(p.shape)}")
+        state[i] = st
+    if opt_tensors:
+        raise CheckpointError(f"{where} does not fit this run's discriminator: unexpected optimizer tensors "
+                              f"{sorted(opt_tensors)[:4]}")
     sd["state"] = state
     d_opt.load_state_dict(sd)
     return manifest

@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=500 seed=3")
     t.set_defaults(func=_train)
+    from .reuse import add_subcommands as add_reuse_subcommands  # export, apply, surgery
+
+    add_reuse_subcommands(sub)
     from .compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)

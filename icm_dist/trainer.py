@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -30,17 +32,9 @@ from .tracking import make_tracker
 def _resolve_resume(cfg: Config, d: Dist, log) -> Path | None:
     """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
     choice, error = None, None
-    if d.is_main and cfg.resume:
-        try:
-            if cfg.resume == "auto":
-                choice = ckpt_lib.find_resumable(Path(cfg.run.out_dir), cfg, log=log)
-                log(f"resume=auto: {'resuming from ' + str(choice) if choice else 'no checkpoint found, starting fresh'}")
-            else:
-                p = Path(cfg.resume)
-                if (p / "latest").is_file():  # a checkpoints/ directory: take its newest
-                    p = p / (p / "latest").read_text().strip()
-                ckpt_lib.check_compatible(ckpt_lib.verify_checkpoint(p), cfg, p)
-                choice = p
+    if d.is_main:
+        try:  # resume=auto, a path, or a torchrun restart (which resumes as auto): see checkpoint.resolve_resume
+            choice = ckpt_lib.resolve_resume(cfg, log=log)
         except CheckpointError as e:
             error = str(e)
     choice, error = d.broadcast_object((str(choice) if choice else None, error))
@@ -49,10 +43,13 @@ def _resolve_resume(cfg: Config, d: Dist, log) -> Path | None:
     return Path(choice) if choice else None
 
 
-def _truncate_metrics(path: Path, iteration: int) -> list[dict]:
-    """On resume, drop metric rows written after the checkpoint (the resumed run writes them again)."""
+def _truncate_metrics(path: Path, iteration: int, saved: list | None = None) -> list[dict]:
+    """On resume, drop metric rows written after the checkpoint (the resumed run writes them again).
+    Resuming into a new run.out_dir starts its metrics.jsonl from the rows the checkpoint carries."""
     if not path.is_file():
-        return []
+        rows = [r for r in (saved if isinstance(saved, list) else []) if isinstance(r, dict)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return rows
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("iteration", 0) <= iteration]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -106,7 +103,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "figures").mkdir(exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
-        rows = _truncate_metrics(out / "metrics.jsonl", start) if resume_from else []
+        rows = _truncate_metrics(out / "metrics.jsonl", start, manifest.get("metrics")) if resume_from else []
         log(f"icm-dist: world size {d.world_size}, experts per rank {plan.sizes}, device {d.device}, "
             f"config {config_hash(cfg)}, out_dir {out}")
     tracker = make_tracker(cfg, d.is_main, resume=resume_from is not None)
@@ -209,7 +206,11 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                     progress.set_postfix(restored_acc=f"{last_acc:.3f}", refresh=False)
             if cfg.checkpoint.every and it % cfg.checkpoint.every == 0 and it != T and not stopped_early:
                 ckpt_lib.save_checkpoint(out, it, cfg, experts, disc_module, d_opt, d, plan, _persist(state),
-                                         rows[-1] if rows else {}, cfg.checkpoint.keep)
+                                         rows, cfg.checkpoint.keep)
+            # TEST HOOK (tests/test_resume_launch.py): on torchrun's first launch, rank 1 SIGKILLs itself after
+            # iteration ICM_DIST_TEST_KILL_AT, so the test can watch torchrun restart the group and resume.
+            if os.environ.get("ICM_DIST_TEST_KILL_AT") == str(it) and d.rank == 1 and ckpt_lib.restart_count() == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
             if stopped_early:
                 break
         if progress is not None:
@@ -219,7 +220,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         # Final evaluation on the full test budget, then the summary, figures and a last checkpoint.
         ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.final_examples)
         ckpt_lib.save_checkpoint(out, final_it, cfg, experts, disc_module, d_opt, d, plan, _persist(state),
-                                 rows[-1] if rows else {}, cfg.checkpoint.keep)
+                                 rows, cfg.checkpoint.keep)
         if not d.is_main:
             return None
         metrics = _eval_metrics(ev)

@@ -1,0 +1,481 @@
+"""Reusing a trained committee (the paper's sections 4.2-4.3): ``icm-dist export``, ``apply``, ``surgery``.
+
+- ``export``: one expert as a standalone safetensors file (its weights and BatchNorm buffers, plus
+  metadata: its architecture, the mechanism it captured and its win rates from the run's
+  summary.json). docs/checkpoint-format.md shows how to use it with nothing but torch.
+- ``apply``: restore a folder of PNG images or a safetensors tensor file, either with the committee
+  (every input goes to the expert D scores highest, as at test time) or with a chain of experts
+  applied one after another (the composition of Figure 8).
+- ``surgery``: remove experts (those that win nothing, or named ones), add fresh identity-initialized
+  ones, and write a new checkpoint plus config that ``resume=`` continues from with the new
+  ``expert.num``.
+
+Every problem ends in a :class:`CheckpointError` with one line; no pickle, no torch.load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ck
+from .config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from .errors import CheckpointError, ConfigError
+from .models import Expert
+
+MODULE_FORMAT = "icm-dist-expert-module/1"
+ARCHITECTURE = ("depth x [conv3x3 (no bias) -> BatchNorm2d (eval: running stats, eps 1e-5) -> ELU -> "
+                "avg_pool2d(2) after the first `pool` blocks, nearest 2x upsampling after the last `pool` "
+                "blocks] -> conv3x3 to 1 channel (with bias) -> sigmoid; input and output [B, 1, H, W] in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- opening a run
+
+
+@dataclasses.dataclass
+class Source:
+    ckpt: Path
+    manifest: dict
+    cfg: Config
+    summary: dict | None  # the run's summary.json, when it describes this very checkpoint
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.cfg.data.mechanisms)
+
+
+def open_source(path: str | Path, verify: bool = True) -> Source:
+    """A checkpoint (or a run / checkpoints directory: its ``latest``), verified, with its config and summary."""
+    ckpt = ck.locate(path)
+    manifest = ck.verify_checkpoint(ckpt) if verify else ck.read_manifest(ckpt)
+    try:
+        cfg = config_from_dict(manifest["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{ckpt}': its config does not load in this icm-dist ({e})") from None
+    summary = None
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    if run_dir is not None and (run_dir / "summary.json").is_file():
+        try:
+            s = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            s = None
+        if isinstance(s, dict) and s.get("iterations") == manifest["iteration"] \
+                and s.get("num_experts") == manifest["num_experts"]:
+            summary = s
+    return Source(ckpt, manifest, cfg, summary)
+
+
+def _expert_cfg(meta: dict, where: str) -> ExpertConfig:
+    try:
+        raw = json.loads(meta["expert_config"])
+        known = {f.name for f in dataclasses.fields(ExpertConfig)}
+        return ExpertConfig(**{k: v for k, v in raw.items() if k in known})
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where}: metadata 'expert_config' is missing or malformed ({e})") from None
+
+
+def _build_expert(ecfg: ExpertConfig, model: dict, where: str) -> Expert:
+    e = Expert(ecfg)
+    ck.check_fits(where, model, e.state_dict())
+    e.load_state_dict(model)
+    return e.eval()
+
+
+def load_expert(src: Source, gid: int) -> Expert:
+    """Global expert ``gid`` of a checkpoint as a plain ``Expert`` module in eval mode."""
+    if not 0 <= gid < src.manifest["num_experts"]:
+        raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
+    path = src.ckpt / ck.expert_filename(gid)
+    model, _, meta = ck.load_expert_file(path)
+    return _build_expert(src.cfg.expert, model, str(path))
+
+
+def load_module_file(path: str | Path) -> tuple[Expert, dict]:
+    """An exported expert file (or a checkpoint's expert file) as an ``Expert`` in eval mode, with its metadata."""
+    path = Path(path)
+    tensors, meta = ck.read_tensors(path)
+    model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()
+             if not k.startswith("optim.")}
+    return _build_expert(_expert_cfg(meta, str(path)), model, str(path)), meta
+
+
+def expert_for(src: Source, name_or_id: str) -> int:
+    """An expert id from ``"3"``/``"e3"`` or a mechanism name (the expert that captured it, per summary.json)."""
+    s = name_or_id.strip()
+    if s.isdigit() or (s[:1] == "e" and s[1:].isdigit()):
+        return int(s.lstrip("e"))
+    if s not in src.names:
+        raise CheckpointError(f"'{s}' is neither an expert id nor a mechanism of this run "
+                              f"({', '.join(src.names)})")
+    if src.summary is None:
+        raise CheckpointError(f"cannot tell which expert captured '{s}': no summary.json for iteration "
+                              f"{src.manifest['iteration']} next to '{src.ckpt}'; name the expert by id")
+    gid = src.summary.get("captured", {}).get(s)
+    if gid is None:
+        raise CheckpointError(f"no expert captured mechanism '{s}' in this run (summary.json 'captured'); "
+                              f"name an expert by id instead")
+    return int(gid)
+
+
+def win_rates(src: Source, gid: int) -> dict | None:
+    """{mechanism: fraction of its test examples expert ``gid`` won}, from summary.json's win matrix."""
+    if src.summary is None or "win_matrix" not in src.summary:
+        return None
+    names = src.summary.get("mechanisms", src.names)
+    return {n: float(row[gid]) for n, row in zip(names, src.summary["win_matrix"])}
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
+    src = open_source(source)
+    gid = expert_for(src, expert)
+    e = load_expert(src, gid)  # validates shapes
+    rates = win_rates(src, gid)
+    captured = None
+    if src.summary is not None:
+        captured = next((m for m, g in src.summary.get("captured", {}).items() if g == gid), None)
+    exp_cfg = to_dict(src.cfg)["expert"]
+    meta = {
+        "format": MODULE_FORMAT,
+        "expert_id": str(gid),
+        "expert_config": json.dumps({k: exp_cfg[k] for k in ("width", "depth", "pool")}),
+        "architecture": ARCHITECTURE,
+        "mechanism": json.dumps(captured),
+        "win_rate": json.dumps(rates[captured] if rates and captured else (max(rates.values()) if rates else None)),
+        "win_rates": json.dumps(rates),
+        "mechanisms": json.dumps(src.names),
+        "source_checkpoint": str(src.ckpt.resolve()),
+        "source_sha256": src.manifest["files"][ck.expert_filename(gid)]["sha256"],
+        "iteration": str(src.manifest["iteration"]),
+        "config_hash": config_hash(src.cfg),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    ck.save_tensors(e.state_dict(), tmp, meta)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def read_inputs(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, list[str] | None]:
+    """``[N, 1, H, W]`` float in [0, 1] from a folder of PNGs (and their names) or a safetensors file.
+
+    28x28 inputs (MNIST's size) are zero-padded to 32x32, as in training.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from PIL import Image
+        import numpy as np
+
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
+        if not files:
+            raise CheckpointError(f"input folder '{p}' holds no .png files")
+        imgs = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    imgs.append(torch.from_numpy(np.array(im.convert("L"), dtype=np.uint8)))
+            except OSError as e:
+                raise CheckpointError(f"cannot read image '{f}' ({e})") from None
+        shapes = {tuple(t.shape) for t in imgs}
+        if len(shapes) > 1:
+            raise CheckpointError(f"images in '{p}' have different sizes {sorted(shapes)}; use one size")
+        x = torch.stack(imgs).unsqueeze(1).float() / 255.0
+        names = [f.name for f in files]
+    elif p.is_file():
+        tensors, _ = ck.read_tensors(p)
+        if key is None:
+            key = "images" if "images" in tensors else (next(iter(tensors)) if len(tensors) == 1 else None)
+        if key not in tensors:
+            raise CheckpointError(f"'{p}' holds tensors {sorted(tensors)}; say which with --key")
+        x = tensors[key]
+        if x.dim() == 2:
+            x = x[None, None]
+        elif x.dim() == 3:
+            x = x[:, None]
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise CheckpointError(f"tensor '{key}' in '{p}' has shape {tuple(x.shape)}; expected [N, 1, H, W], "
+                                  "[N, H, W] or [H, W]")
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        names = None
+    else:
+        raise CheckpointError(f"input '{p}' does not exist (a folder of .png files or a .safetensors file)")
+    if tuple(x.shape[-2:]) == (28, 28):
+        x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return x.contiguous(), names
+
+
+def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, extra: dict, info: dict) -> Path:
+    """PNGs with the input names into folder ``out`` (input was a folder), else a safetensors file."""
+    out = Path(out)
+    if names is not None:
+        from PIL import Image
+
+        out.mkdir(parents=True, exist_ok=True)
+        u8 = (y.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+        for name, img in zip(names, u8):
+            Image.fromarray(img, mode="L").save(out / name)
+        report = {"inputs": names, **info, **{k: v.tolist() for k, v in extra.items()}}
+        (out / "apply.json").write_text(json.dumps(report, indent=1))
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        ck.save_tensors({"images": y, **extra}, tmp, {k: json.dumps(v) for k, v in info.items()})
+        os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- apply
+
+
+def load_committee(src: Source, device: torch.device | None = None):
+    """Every expert of the checkpoint in one bank, D and its optimizer: (experts, disc, d_opt, plan, dist)."""
+    from .competition import LocalExperts
+    from .models import make_discriminator
+    from .parallel import Dist, ShardPlan
+
+    device = device or torch.device("cpu")
+    cfg = src.cfg
+    experts = LocalExperts(cfg, list(range(cfg.expert.num)), device)
+    disc = make_discriminator(cfg).to(device)
+    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
+                             eps=cfg.train.eps)
+    ck.load_into(src.ckpt, cfg, experts, disc, d_opt, verify=False)  # open_source verified every file
+    return experts, disc, d_opt, ShardPlan(cfg.expert.num, 1), Dist(0, 1, 0, device)
+
+
+@torch.no_grad()
+def apply_committee(src: Source, x: torch.Tensor) -> dict:
+    """Each input restored by the expert D scores highest: ``restored``, ``winners``, ``scores``."""
+    from .evaluate import run_committee
+
+    if tuple(x.shape[-2:]) != (32, 32):
+        raise CheckpointError(f"the committee's discriminator scores 32x32 images but the inputs are "
+                              f"{tuple(x.shape[-2:])}; pad them, or apply a --chain of experts (any size)")
+    experts, disc, _, plan, d = load_committee(src)
+    res = run_committee(experts, disc, x, plan, d, src.cfg)
+    return {"restored": res["restored"], "winners": res["winners"], "scores": res["scores"].float()}
+
+
+@torch.no_grad()
+def apply_chain(chain: list[Expert], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """``chain[-1](... chain[0](x))``: the composition of Figure 8."""
+    for e in chain:
+        pool = e.cfg.pool
+        if x.shape[-1] % 2 ** pool or x.shape[-2] % 2 ** pool:
+            raise CheckpointError(f"an expert with pool={pool} needs sizes divisible by {2 ** pool}, "
+                                  f"got {tuple(x.shape[-2:])}")
+        x = torch.cat([e(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
+    return x
+
+
+def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[Expert], list[str]]:
+    """Experts named by id, by captured mechanism (needs a run) or by exported file path."""
+    src = None
+    chain, labels = [], []
+    for it in items:
+        if it.endswith(".safetensors") and Path(it).is_file():
+            e, meta = load_module_file(it)
+            chain.append(e)
+            try:
+                mech = json.loads(meta.get("mechanism", "null"))
+            except json.JSONDecodeError:
+                mech = None
+            labels.append(f"{it} (expert {meta.get('expert_id')}, mechanism {mech})")
+            continue
+        if src is None:
+            src = open_source(source)
+        gid = expert_for(src, it)
+        chain.append(load_expert(src, gid))
+        labels.append(f"expert {gid}" + (f" ({it})" if not it.lstrip("e").isdigit() else ""))
+    return chain, labels
+
+
+def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[str] | None = None,
+          key: str | None = None) -> dict:
+    x, names = read_inputs(inputs, key)
+    if chain is None and Path(source).is_file():
+        chain = [str(source)]  # an exported expert on its own: apply it
+    if chain:
+        experts, labels = resolve_chain(source, chain)
+        y = apply_chain(experts, x)
+        info = {"mode": "chain", "chain": labels}
+        extra = {}
+    else:
+        src = open_source(source)
+        res = apply_committee(src, x)
+        y = res["restored"]
+        captured = (src.summary or {}).get("captured", {})
+        by_expert = {g: m for m, g in captured.items() if g is not None}
+        info = {"mode": "committee", "checkpoint": str(src.ckpt),
+                "winner_mechanisms": [by_expert.get(int(w)) for w in res["winners"]]}
+        extra = {"winners": res["winners"].long(), "scores": res["scores"]}
+    write_outputs(out, y, names, extra, info)
+    return {"restored": y, **extra, **info}
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def committee_wins(src: Source, examples: int) -> torch.Tensor:
+    """How many of the first ``examples`` transformed test digits each expert wins."""
+    from .data.protocol import build_protocol
+    from .evaluate import run_committee
+
+    proto = build_protocol(src.cfg)
+    experts, disc, _, plan, d = load_committee(src)
+    res = run_committee(experts, disc, proto.test_x[:examples], plan, d, src.cfg, keep_outputs=False)
+    return torch.bincount(res["winners"], minlength=src.cfg.expert.num)
+
+
+def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), remove_inactive: bool = False,
+            add: int = 0, iterations: int | None = None, probe: int | None = None, seed: int | None = None,
+            identity: bool = True, log=print) -> Path:
+    """Write ``out_dir/checkpoints/iter_N`` (the committee after surgery) and ``out_dir/config.yaml``."""
+    from .competition import LocalExperts, identity_init
+
+    src = open_source(source)
+    cfg, N, it0 = src.cfg, src.cfg.expert.num, src.manifest["iteration"]
+    out_dir = Path(out_dir)
+    if ck.list_checkpoints(out_dir):
+        raise CheckpointError(f"'{out_dir}' already holds checkpoints; surgery writes into a new run directory")
+    bad = [g for g in remove if not 0 <= g < N]
+    if bad:
+        raise CheckpointError(f"--remove names experts {bad}, but the committee has experts 0..{N - 1}")
+    drop = set(remove)
+    wins = None
+    if remove_inactive:
+        wins = committee_wins(src, probe or cfg.eval.final_examples)
+        inactive = [g for g in range(N) if int(wins[g]) == 0]
+        log(f"wins on {int(wins.sum())} transformed test digits: {wins.tolist()}; inactive: {inactive or 'none'}")
+        drop |= set(inactive)
+    kept = [g for g in range(N) if g not in drop]
+    new_n = len(kept) + add
+    if new_n < 1:
+        raise CheckpointError("surgery would leave no expert: remove fewer or --add some")
+
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.expert.num = new_n
+    new_cfg.run.out_dir = str(out_dir)
+    new_cfg.resume = "auto"
+    if iterations is not None:
+        new_cfg.train.iterations = iterations
+    if new_cfg.train.iterations <= it0:
+        log(f"note: train.iterations={new_cfg.train.iterations} is not beyond the checkpoint's iteration {it0}; "
+            "pass --iterations (or train.iterations=...) to train on")
+
+    old, disc, d_opt, _, _ = load_committee(src)
+    new = LocalExperts(new_cfg, list(range(new_n)), torch.device("cpu"))
+    identity_info = None
+    if add:
+        # Fresh experts come from their own streams (seed, expert id) with a seed of their own, so they
+        # do not repeat the initialization of the experts that once had their ids.
+        fresh_cfg = copy.deepcopy(new_cfg)
+        fresh_cfg.seed = cfg.seed + 1 if seed is None else seed
+        fresh = LocalExperts(fresh_cfg, list(range(len(kept), new_n)), torch.device("cpu"))
+        if identity and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
+            from .data.protocol import build_protocol
+
+            proto = build_protocol(cfg)
+            identity_info = identity_init(fresh, proto.transformed_x, fresh_cfg, torch.device("cpu"))
+            log(f"identity init of the {add} new expert(s): steps {identity_info['steps']}")
+        for j in range(add):
+            new.bank.load_expert_state(len(kept) + j, fresh.bank.expert_state(j))
+            new.opt.load_expert_state(len(kept) + j, fresh.opt.expert_state(j))
+    # Kept experts last: the bank's BatchNorm counters (num_batches_tracked, one per layer) go on from the run's.
+    for j, g in enumerate(kept):
+        new.bank.load_expert_state(j, old.bank.expert_state(g))
+        new.opt.load_expert_state(j, old.opt.expert_state(g))
+
+    state = dict(src.manifest.get("trainer_state") or {})
+    state.update({"stable_evals": 0, "last_probe_winners": None})
+    record = {"source": str(src.ckpt.resolve()), "source_iteration": it0, "removed": sorted(drop),
+              "kept": {str(j): g for j, g in enumerate(kept)}, "added": list(range(len(kept), new_n)),
+              "fresh_seed": (cfg.seed + 1 if seed is None else seed) if add else None,
+              "wins": wins.tolist() if wins is not None else None, "identity_init": identity_info}
+    tmp = ck.begin_checkpoint(out_dir, it0)
+    ck.write_experts(tmp, new_cfg, new, it0)
+    final = ck.finish_checkpoint(tmp, it0, new_cfg, disc, d_opt, 1, state, [], keep=new_cfg.checkpoint.keep,
+                                 extra={"surgery": record})
+    (out_dir / "config.yaml").write_text(dump_yaml(new_cfg))
+    log(f"surgery: kept experts {kept} (now 0..{len(kept) - 1}), removed {sorted(drop) or 'none'}, added {add}; "
+        f"wrote {final} and {out_dir / 'config.yaml'} (expert.num={new_n}, resume=auto). Train on with: "
+        f"python launch/train.py --config {out_dir / 'config.yaml'}")
+    return final
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated expert ids, got '{text}'") from None
+
+
+def _cmd_export(args) -> int:
+    path = export_expert(args.source, args.out, args.expert)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_apply(args) -> int:
+    chain = [c for c in args.chain.split(",") if c.strip()] if args.chain else None
+    res = apply(args.source, args.inputs, args.out, chain=chain, key=args.key)
+    how = f"chain {res['chain']}" if res["mode"] == "chain" else "the committee"
+    print(f"restored {res['restored'].shape[0]} inputs with {how}; wrote {args.out}")
+    return 0
+
+
+def _cmd_surgery(args) -> int:
+    if not (args.remove or args.remove_inactive or args.add):
+        raise CheckpointError("nothing to do: pass --remove-inactive, --remove IDS and/or --add K")
+    surgery(args.source, args.out, remove=args.remove or [], remove_inactive=args.remove_inactive, add=args.add,
+            iterations=args.iterations, probe=args.probe, seed=args.seed, identity=not args.no_identity_init)
+    return 0
+
+
+def add_subcommands(sub) -> None:
+    """Register ``export``, ``apply`` and ``surgery`` on the ``icm-dist`` subparsers."""
+    e = sub.add_parser("export", help="write one expert as a standalone safetensors module with its metadata")
+    e.add_argument("source", help="a run directory, its checkpoints/ directory, or one checkpoint directory")
+    e.add_argument("--expert", required=True, help="expert id (3 or e3) or the mechanism it captured (e.g. invert)")
+    e.add_argument("--out", "-o", required=True, help="output .safetensors file")
+    e.set_defaults(func=_cmd_export)
+
+    a = sub.add_parser("apply", help="restore PNG images or a tensor file with the committee or a chain of experts")
+    a.add_argument("source", help="a run / checkpoint directory, or an exported expert .safetensors file")
+    a.add_argument("inputs", help="a folder of .png images or a .safetensors file (tensor 'images' [N,1,H,W])")
+    a.add_argument("--out", "-o", required=True, help="output folder (PNG input) or .safetensors file")
+    a.add_argument("--chain", help="comma-separated experts applied in order: ids, captured mechanism names or "
+                                   "exported .safetensors files (default: the committee picks per input)")
+    a.add_argument("--key", help="tensor name in a .safetensors input (default: 'images' or the only tensor)")
+    a.set_defaults(func=_cmd_apply)
+
+    s = sub.add_parser("surgery", help="remove / add experts and write a checkpoint that resume= continues from")
+    s.add_argument("source", help="a run / checkpoint directory")
+    s.add_argument("--out", "-o", required=True, help="new run directory (receives checkpoints/ and config.yaml)")
+    s.add_argument("--remove-inactive", action="store_true",
+                   help="remove the experts that win no transformed test digit (of --probe)")
+    s.add_argument("--remove", type=_ids, help="comma-separated expert ids to remove")
+    s.add_argument("--add", type=int, default=0, help="number of fresh (identity-initialized) experts to add")
+    s.add_argument("--iterations", type=int, help="train.iterations of the new config (to train on)")
+    s.add_argument("--probe", type=int, help="test digits used by --remove-inactive (default eval.final_examples)")
+    s.add_argument("--seed", type=int, help="seed of the new experts' initialization (default: the run's seed + 1)")
+    s.add_argument("--no-identity-init", action="store_true", help="skip identity initialization of new experts")
+    s.set_defaults(func=_cmd_surgery)
+
+
+__all__ = ["export_expert", "apply", "surgery", "open_source", "load_expert", "load_module_file", "add_subcommands"]

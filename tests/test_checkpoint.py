@@ -1,0 +1,459 @@
+"""Checkpoints (issue #4): bitwise resume, resharding, every corruption case, export / apply / surgery
+on real digits, and the standalone snippet of docs/checkpoint-format.md.
+
+One small training run (in-process, world size 1) is shared by the module; each test copies what it
+damages. The multi-process launches (kill and restart, resharding under torchrun) are in
+tests/test_resume_launch.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from icm_dist import checkpoint as ck
+from icm_dist import reuse
+from icm_dist.competition import LocalExperts
+from icm_dist.config import load_config
+from icm_dist.errors import CheckpointError
+from icm_dist.models import Expert, make_discriminator
+from icm_dist.parallel import ShardPlan
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+def _overrides(out: Path, data_root: str, *more: str) -> list[str]:
+    return [f"run.out_dir={out}", f"data.root={data_root}", "threads=1", "train.iterations=8", "checkpoint.every=4",
+            "checkpoint.keep=10", "eval.every=4", "eval.examples=100", "eval.final_examples=200",
+            "identity_init.max_steps=5", "data.transformed_examples=1000", "tracking.log_every=2", *more]
+
+
+def _train(out: Path, data_root: str, *more: str):
+    from icm_dist.trainer import train
+
+    threads = torch.get_num_threads()
+    try:
+        return train(load_config(TINY, _overrides(out, data_root, *more)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _same_tensors(a: Path, b: Path) -> list[str]:
+    """Names of tensors that differ (bitwise) between two checkpoint directories."""
+    diff = []
+    for f in sorted(p.name for p in a.glob("*.safetensors")):
+        ta, tb = load_file(str(a / f)), load_file(str(b / f))
+        assert ta.keys() == tb.keys(), f
+        diff += [f"{f}:{k}" for k in ta if ta[k].dtype != tb[k].dtype or _bits(ta[k]) != _bits(tb[k])]
+    return diff
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, data_root):
+    """A finished 8-iteration run with checkpoints after iterations 4 and 8."""
+    out = tmp_path_factory.mktemp("ckpt") / "a"
+    _train(out, data_root)
+    return out
+
+
+@pytest.fixture
+def cfg(run_a, data_root):
+    return load_config(TINY, _overrides(run_a, data_root))
+
+
+def _copy_run(run_a: Path, dst: Path) -> Path:
+    shutil.copytree(run_a, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def test_resume_is_bitwise(run_a, tmp_path, data_root):
+    """Resumed at iteration 4 (explicit path, new out_dir; and resume=auto in place): iteration 8 equal to the bit."""
+    _train(tmp_path / "b", data_root, f"resume={run_a / 'checkpoints' / 'iter_0000004'}")
+    assert _same_tensors(run_a / "checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
+
+    c = _copy_run(run_a, tmp_path / "c")
+    shutil.rmtree(c / "checkpoints/iter_0000008")
+    (c / "checkpoints/latest").write_text("iter_0000004\n")
+    _train(c, data_root, "resume=auto")
+    assert _same_tensors(run_a / "checkpoints/iter_0000008", c / "checkpoints/iter_0000008") == []
+
+    # Metrics: the resumed rows replace the dropped ones, and the deterministic ones agree.
+    def losses(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["iteration"], r["d_loss"]) for r in rows if "d_loss" in r]
+
+    assert losses(c) == losses(run_a) == losses(tmp_path / "b")
+    manifest = json.loads((c / "checkpoints/iter_0000008/manifest.json").read_text())
+    assert [r["iteration"] for r in manifest["metrics"] if "d_loss" in r] == [2, 4, 6, 8]
+
+
+def test_checkpoint_layout_and_manifest(run_a):
+    root = run_a / "checkpoints"
+    assert (root / "latest").read_text().strip() == "iter_0000008"
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
+    m = ck.verify_checkpoint(root / "iter_0000008")
+    assert m["iteration"] == 8 and m["world_size"] == 1 and m["num_experts"] == 3
+    assert set(m["files"]) == {"discriminator.safetensors", *(f"expert_{g:03d}.safetensors" for g in range(3))}
+    assert m["config"]["expert"]["num"] == 3 and isinstance(m["metrics"], list)
+    keys = load_file(str(root / "iter_0000008/expert_001.safetensors")).keys()
+    assert "model.out.weight" in keys and "optim.out.weight.exp_avg_sq" in keys and "optim.step" in keys
+
+
+def test_prune_keeps_newest_and_cleans_debris(tmp_path):
+    root = tmp_path / "checkpoints"
+    for it in (1, 2, 3, 4):
+        (root / ck.iter_dirname(it)).mkdir(parents=True)
+    (root / ".tmp_iter_0000009").mkdir()
+    ck._prune(root, 2, protect="iter_0000001")
+    assert sorted(p.name for p in root.iterdir()) == [".tmp_iter_0000009", "iter_0000001", "iter_0000003",
+                                                       "iter_0000004"]
+    tmp = ck.begin_checkpoint(tmp_path, 5)
+    assert tmp.name == ".tmp_iter_0000005" and not (root / ".tmp_iter_0000009").exists()
+
+
+# ----------------------------------------------------------------------------- resharding
+
+
+def _fill(experts: LocalExperts, step_base: float = 1.0) -> None:
+    """Give every expert distinct, non-trivial state, keyed by its global id (not by rank)."""
+    for j, gid in enumerate(experts.ids):
+        g = torch.Generator().manual_seed(1000 + gid)
+        model = {k: (torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone())
+                 for k, v in experts.bank.expert_state(j).items()}
+        model = {k: (v.abs() + 0.1 if "running_var" in k else v) for k, v in model.items()}
+        optim = {k: (torch.rand(v.shape, generator=g) if k != "step" else torch.full_like(v, step_base + gid))
+                 for k, v in experts.opt.expert_state(j).items()}
+        experts.bank.load_expert_state(j, model)
+        experts.opt.load_expert_state(j, optim)
+
+
+def _disc_with_state(cfg):
+    disc = make_discriminator(cfg)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    for p in disc.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return disc, opt
+
+
+@pytest.mark.parametrize("w_from,w_to", [(4, 1), (4, 2), (4, 3), (1, 2), (2, 3), (3, 4)])
+def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
+    """Saved by W ranks (simulated: the save's phases per rank), loaded by W' ranks: every tensor equal."""
+    cfg.expert.num = 4
+    reference = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+    _fill(reference)
+    disc, d_opt = _disc_with_state(cfg)
+
+    src = ShardPlan(4, w_from)
+    tmp = ck.begin_checkpoint(tmp_path, 7)
+    for r in range(w_from):
+        ex = LocalExperts(cfg, list(src.block(r)), torch.device("cpu"))
+        _fill(ex)
+        ck.write_experts(tmp, cfg, ex, 7)
+    final = ck.finish_checkpoint(tmp, 7, cfg, disc, d_opt, w_from, {"stable_evals": 0}, [], keep=3)
+    assert ck.verify_checkpoint(final)["world_size"] == w_from
+
+    dst = ShardPlan(4, w_to)
+    for r in range(w_to):
+        ex = LocalExperts(cfg, list(dst.block(r)), torch.device("cpu"))
+        d2 = make_discriminator(cfg)
+        o2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
+        ck.load_into(final, cfg, ex, d2, o2)
+        for j, gid in enumerate(ex.ids):
+            for got, want in ((ex.bank.expert_state(j), reference.bank.expert_state(gid)),
+                              (ex.opt.expert_state(j), reference.opt.expert_state(gid))):
+                assert got.keys() == want.keys()
+                for k in want:
+                    assert torch.equal(got[k], want[k]), (gid, k)
+        for (k, a), b in zip(d2.state_dict().items(), disc.state_dict().values()):
+            assert torch.equal(a, b), k
+        for a, b in zip(o2.state_dict()["state"].values(), d_opt.state_dict()["state"].values()):
+            assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in b)
+
+
+# ----------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture
+def broken(run_a, tmp_path):
+    """A copy of the run to damage; returns (run dir, its newest checkpoint)."""
+    run = _copy_run(run_a, tmp_path / "run")
+    return run, run / "checkpoints" / "iter_0000008"
+
+
+def _one_line_error(fn, *args, **kw) -> str:
+    with pytest.raises(CheckpointError) as e:
+        fn(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_truncated_file(broken):
+    run, c = broken
+    p = c / "expert_001.safetensors"
+    p.write_bytes(p.read_bytes()[:5000])
+    msg = _one_line_error(ck.verify_checkpoint, c)
+    assert "expert_001.safetensors" in msg and "5000 bytes" in msg and "truncated" in msg
+
+
+def test_flipped_byte(broken):
+    run, c = broken
+    p = c / "discriminator.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    msg = _one_line_error(ck.verify_checkpoint, c)
+    assert "discriminator.safetensors" in msg and "sha256" in msg
+
+
+def test_missing_expert_file(broken, cfg):
+    run, c = broken
+    (c / "expert_002.safetensors").unlink()
+    msg = _one_line_error(ck.verify_checkpoint, c)
+    assert "'expert_002.safetensors' is missing" in msg
+    # The rank that owns expert 2 verifies exactly that file when it loads.
+    ex = LocalExperts(cfg, [2], torch.device("cpu"))
+    disc = make_discriminator(cfg)
+    msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+    assert "expert_002.safetensors" in msg
+
+
+def test_manifest_config_does_not_fit(broken, data_root):
+    run, c = broken
+    other = load_config(TINY, _overrides(run, data_root, "expert.width=16", f"resume={c}"))
+    msg = _one_line_error(ck.resolve_resume, other, log=lambda *a: None, restarts=0)
+    assert "iter_0000008" in msg and "expert.width=8" in msg and "expert.width=16" in msg
+
+
+def test_shapes_do_not_fit(broken, cfg):
+    """A file whose tensors disagree with the manifest's config (checksums made to match): named, with shapes."""
+    run, c = broken
+    p = c / "expert_000.safetensors"
+    with safe_open(str(p), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(p))
+    tensors["model.out.weight"] = torch.zeros(1, 4, 3, 3)
+    save_file(tensors, str(p), metadata=meta)
+    m = json.loads((c / "manifest.json").read_text())
+    m["files"]["expert_000.safetensors"] = {"sha256": ck.sha256_file(p), "bytes": p.stat().st_size}
+    (c / "manifest.json").write_text(json.dumps(m))
+    ex = LocalExperts(cfg, [0, 1, 2], torch.device("cpu"))
+    disc = make_discriminator(cfg)
+    msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+    assert "expert_000.safetensors" in msg and "out.weight" in msg and "(1, 4, 3, 3)" in msg and "(1, 8, 3, 3)" in msg
+
+
+def test_bad_manifest(broken):
+    run, c = broken
+    (c / "manifest.json").write_text("{not json")
+    assert "not valid JSON" in _one_line_error(ck.verify_checkpoint, c)
+    (c / "manifest.json").unlink()
+    assert "no manifest.json" in _one_line_error(ck.verify_checkpoint, c)
+    assert "does not exist" in _one_line_error(ck.verify_checkpoint, c.parent / "iter_0000099")
+
+
+def test_auto_falls_back_to_newest_that_verifies_and_says_so(broken, cfg):
+    run, c = broken
+    p = c / "expert_001.safetensors"
+    p.write_bytes(p.read_bytes()[:100])
+    cfg.resume, cfg.run.out_dir = "auto", str(run)
+    said = []
+    assert ck.resolve_resume(cfg, log=said.append, restarts=0) == run / "checkpoints" / "iter_0000004"
+    text = " | ".join(said)
+    assert "skipping checkpoint iter_0000008" in text and "expert_001.safetensors" in text
+    assert "iter_0000004" in text
+    # Nothing verifies: an error rather than a fresh start that would prune the old checkpoints.
+    (run / "checkpoints/iter_0000004/manifest.json").unlink()
+    assert "none of the 2 checkpoints" in _one_line_error(ck.resolve_resume, cfg, log=lambda *a: None, restarts=0)
+
+
+def test_torchrun_restart_resumes_as_auto(run_a, tmp_path, cfg):
+    cfg.resume = None
+    assert ck.resolve_resume(cfg, log=lambda *a: None, restarts=0) is None  # first launch: fresh
+    assert ck.resolve_resume(cfg, log=lambda *a: None, restarts=1) == run_a / "checkpoints" / "iter_0000008"
+    cfg.run.out_dir = str(tmp_path / "empty")
+    assert ck.resolve_resume(cfg, log=lambda *a: None, restarts=1) is None  # crashed before its first save
+    cfg.resume = str(run_a)  # a run directory: its latest
+    assert ck.resolve_resume(cfg, log=lambda *a: None, restarts=1) == run_a / "checkpoints" / "iter_0000008"
+
+
+def test_cli_prints_one_line_error(broken, data_root, capsys):
+    from icm_dist.cli import main
+
+    run, c = broken
+    (c / "expert_000.safetensors").write_bytes(b"garbage")
+    rc = main(["train", "--config", TINY, *_overrides(run, data_root, f"resume={c}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and "expert_000.safetensors" in err[0]
+
+
+def test_no_pickle_and_no_torch_load():
+    for path in (REPO / "icm_dist").rglob("*.py"):
+        assert "torch.load(" not in path.read_text(), path
+    for name in ("checkpoint.py", "reuse.py"):
+        assert "pickle" not in (REPO / "icm_dist" / name).read_text().replace("No pickle", "").replace("no pickle", "")
+
+
+# ----------------------------------------------------------------------------- reuse
+
+
+@pytest.fixture(scope="module")
+def digits(run_a, data_root):
+    """Real transformed test digits of the run's protocol (first 24) and their mechanisms."""
+    from icm_dist.data.protocol import build_protocol
+
+    src = reuse.open_source(run_a)
+    proto = build_protocol(src.cfg)
+    return proto.test_x[:24].clone(), proto.test_mech[:24].clone()
+
+
+def test_export_metadata_and_doc_snippet_loads_one_expert(run_a, tmp_path, digits):
+    summary = json.loads((run_a / "summary.json").read_text())
+    out = reuse.export_expert(run_a, tmp_path / "e1.safetensors", "1")
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == reuse.MODULE_FORMAT and meta["expert_id"] == "1"
+    rates = json.loads(meta["win_rates"])
+    assert rates == {m: row[1] for m, row in zip(summary["mechanisms"], summary["win_matrix"])}
+    captured = next((m for m, g in summary["captured"].items() if g == 1), None)
+    assert json.loads(meta["mechanism"]) == captured
+
+    # The snippet of docs/checkpoint-format.md, run as written, on the export and on the raw checkpoint file.
+    doc = (REPO / "docs" / "checkpoint-format.md").read_text()
+    code = re.search(r"<!-- snippet: load-expert -->\s*```python\n(.*?)```", doc, re.S).group(1)
+    assert "icm_dist" not in code and len(code.strip().splitlines()) <= 20
+    ns: dict = {}
+    exec(compile(code, "checkpoint-format.md", "exec"), ns)
+    x, _ = digits
+    want = reuse.load_expert(reuse.open_source(run_a), 1)(x)
+    for path in (out, run_a / "checkpoints/iter_0000008/expert_001.safetensors"):
+        got = ns["load_expert"](str(path))(x)
+        assert got.shape == x.shape and torch.equal(got, want)
+
+
+def test_export_by_mechanism_and_errors(run_a, tmp_path):
+    summary = json.loads((run_a / "summary.json").read_text())
+    for mech, gid in summary["captured"].items():
+        if gid is None:
+            assert "no expert captured" in _one_line_error(reuse.export_expert, run_a, tmp_path / "x.safetensors", mech)
+        else:
+            out = reuse.export_expert(run_a, tmp_path / f"{mech}.safetensors", mech)
+            with safe_open(str(out), "pt") as f:
+                assert f.metadata()["expert_id"] == str(gid)
+    assert "experts 0..2, not 7" in _one_line_error(reuse.export_expert, run_a, tmp_path / "x.safetensors", "7")
+    assert "neither an expert id" in _one_line_error(reuse.export_expert, run_a, tmp_path / "x.safetensors", "bogus")
+
+
+def _reference_committee(run_a, x):
+    from icm_dist.evaluate import run_committee
+
+    src = reuse.open_source(run_a)
+    experts, disc, _, plan, d = reuse.load_committee(src)
+    return run_committee(experts, disc, x, plan, d, src.cfg)
+
+
+def test_apply_committee_on_png_folder(run_a, tmp_path, digits):
+    from PIL import Image
+
+    x, _ = digits
+    u8 = (x * 255).round().to(torch.uint8)[:, 0]
+    (tmp_path / "in").mkdir()
+    for i, img in enumerate(u8.numpy()):
+        Image.fromarray(img, mode="L").save(tmp_path / "in" / f"digit_{i:02d}.png")
+    reuse.apply(run_a, tmp_path / "in", tmp_path / "out")
+
+    want = _reference_committee(run_a, u8[:, None].float() / 255)  # the committee on exactly what the PNGs hold
+    report = json.loads((tmp_path / "out" / "apply.json").read_text())
+    assert report["mode"] == "committee" and report["winners"] == want["winners"].tolist()
+    import numpy as np
+
+    got = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "out" / n))) for n in report["inputs"]])
+    expect = (want["restored"][:, 0].clamp(0, 1) * 255).round().to(torch.uint8)
+    assert got.shape == (24, 32, 32) and (got.int() - expect.int()).abs().max() <= 1
+
+
+def test_apply_tensor_file_committee_and_chain(run_a, tmp_path, digits):
+    x, _ = digits
+    save_file({"images": x[:, 0].contiguous()}, str(tmp_path / "x.safetensors"))  # [N, H, W] is accepted too
+
+    reuse.apply(run_a, tmp_path / "x.safetensors", tmp_path / "y.safetensors")
+    y = load_file(str(tmp_path / "y.safetensors"))
+    want = _reference_committee(run_a, x)
+    assert torch.equal(y["winners"], want["winners"]) and torch.equal(y["images"], want["restored"])
+
+    # A chain by ids, and the same chain with the second expert as an exported file: Figure 8's composition.
+    src = reuse.open_source(run_a)
+    e0, e2 = reuse.load_expert(src, 0), reuse.load_expert(src, 2)
+    with torch.no_grad():
+        expect = e2(e0(x))
+    reuse.apply(run_a, tmp_path / "x.safetensors", tmp_path / "z.safetensors", chain=["0", "e2"])
+    assert torch.equal(load_file(str(tmp_path / "z.safetensors"))["images"], expect)
+    exported = reuse.export_expert(run_a, tmp_path / "e2.safetensors", "2")
+    reuse.apply(run_a, tmp_path / "x.safetensors", tmp_path / "z2.safetensors", chain=["0", str(exported)])
+    assert torch.equal(load_file(str(tmp_path / "z2.safetensors"))["images"], expect)
+
+    # 28x28 inputs are padded like the training data; wrong shapes are one-line errors.
+    save_file({"images": x[:2, :, 2:30, 2:30].contiguous()}, str(tmp_path / "x28.safetensors"))
+    res = reuse.apply(run_a, tmp_path / "x28.safetensors", tmp_path / "y28.safetensors")
+    assert res["restored"].shape == (2, 1, 32, 32)
+    save_file({"a": x[:2].clone(), "b": x[:2].clone()}, str(tmp_path / "two.safetensors"))
+    assert "--key" in _one_line_error(reuse.apply, run_a, tmp_path / "two.safetensors", tmp_path / "o.safetensors")
+    save_file({"images": torch.zeros(2, 1, 40, 40)}, str(tmp_path / "x40.safetensors"))
+    assert "32x32" in _one_line_error(reuse.apply, run_a, tmp_path / "x40.safetensors", tmp_path / "o.safetensors")
+
+
+def test_surgery_remove_add_and_train_on(run_a, tmp_path, data_root, monkeypatch):
+    src = reuse.open_source(run_a)
+    # --remove-inactive uses the committee's wins on test digits; fix them to make the choice known.
+    monkeypatch.setattr(reuse, "committee_wins", lambda s, n: torch.tensor([5, 0, 7]))
+    new = reuse.surgery(run_a, tmp_path / "s", remove_inactive=True, add=2, iterations=10, log=lambda *a: None)
+    m = ck.verify_checkpoint(new)
+    assert m["iteration"] == 8 and m["num_experts"] == 4
+    assert m["surgery"]["removed"] == [1] and m["surgery"]["kept"] == {"0": 0, "1": 2} and m["surgery"]["added"] == [2, 3]
+    for new_id, old_id in ((0, 0), (1, 2)):  # kept experts keep weights, buffers and Adam state, renumbered
+        a = load_file(str(new / f"expert_{new_id:03d}.safetensors"))
+        b = load_file(str(src.ckpt / f"expert_{old_id:03d}.safetensors"))
+        assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    fresh = load_file(str(new / "expert_003.safetensors"))
+    assert float(fresh["optim.step"]) == 0 and not torch.equal(fresh["model.out.weight"],
+                                                               load_file(str(src.ckpt / "expert_002.safetensors"))["model.out.weight"])
+    cfg_text = (tmp_path / "s" / "config.yaml").read_text()
+    assert "num: 4" in cfg_text and "resume: auto" in cfg_text
+
+    # Train on from it: the new config (resume=auto) continues at iteration 8 with 4 experts.
+    from icm_dist.trainer import train
+
+    cfg = load_config(str(tmp_path / "s" / "config.yaml"), ["threads=1"])
+    threads = torch.get_num_threads()
+    try:
+        summary = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["iterations"] == 10 and summary["num_experts"] == 4
+    assert ck.verify_checkpoint(tmp_path / "s/checkpoints/iter_0000010")["num_experts"] == 4
+
+    # Real --remove-inactive on the committee (no monkeypatch): it runs and removes only experts with no wins.
+    monkeypatch.undo()
+    wins = reuse.committee_wins(src, 100)
+    new2 = reuse.surgery(run_a, tmp_path / "s2", remove_inactive=True, add=1, probe=100, identity=False,
+                         log=lambda *a: None)
+    assert json.loads((new2 / "manifest.json").read_text())["surgery"]["removed"] == \
+        [g for g in range(3) if int(wins[g]) == 0]
+    assert "already holds checkpoints" in _one_line_error(reuse.surgery, run_a, tmp_path / "s2", add=1)
+    assert "no expert" in _one_line_error(reuse.surgery, run_a, tmp_path / "s3", remove=[0, 1, 2])
