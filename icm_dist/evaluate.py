@@ -30,7 +30,7 @@ def _classifier_path(cfg: Config, proto: Protocol) -> Path:
     # Keyed by the exact canonical sample it learns from (seed, split, size) and the recipe.
     h = hashlib.sha256()
     h.update(proto.canonical_x[:64].numpy().tobytes())
-    h.update(f"{proto.canonical_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v1".encode())
+    h.update(f"{proto.canonical_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v2".encode())
     return Path(cfg.data.root) / "classifiers" / f"classifier_{h.hexdigest()[:16]}.safetensors"
 
 
@@ -53,11 +53,9 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
         perm = torch.randperm(n, generator=generator(cfg.seed, "classifier-epoch", epoch))
         for s in range(steps_per_epoch):
             idx = perm[s * bs:(s + 1) * bs] if n >= bs else perm
+            # No augmentation: a standard MNIST classifier, as in the paper, so that 4-pixel shifts
+            # fool it and the transformed accuracy is comparable with the paper's ~40%.
             xb = x[idx].to(device)
-            # Light augmentation (shifts of up to 2 px) keeps the classifier honest about the
-            # restored digits, which are never pixel-perfect.
-            dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator(cfg.seed, "aug", epoch, s)))
-            xb = torch.roll(xb, shifts=(dy, dx), dims=(2, 3))
             with autocast(device, "bf16" if device.type == "cpu" else "fp32"):
                 loss = F.cross_entropy(model(xb).float(), y[idx].to(device))
             opt.zero_grad()
@@ -171,15 +169,21 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
         return None
     M, N = len(proto.mechanisms), plan.num_experts
     wm = win_matrix(res["winners"], mech, M, N)
-    acc = {
-        "transformed": float((classify(classifier, x, d.device) == labels).float().mean()),
-        "restored": float((classify(classifier, res["restored"], d.device) == labels).float().mean()),
-        "original": float((classify(classifier, clean, d.device) == labels).float().mean()),
+    right = {
+        "transformed": classify(classifier, x, d.device) == labels,
+        "restored": classify(classifier, res["restored"], d.device) == labels,
+        "original": classify(classifier, clean, d.device) == labels,
     }
+    acc = {k: float(v.float().mean()) for k, v in right.items()}
+    # Per mechanism: a mechanism counts as learned when its restored accuracy nears the original's,
+    # whichever expert did it (the measure that still means something for a single network).
+    per_mech = {name: {k: round(float(v[mech == m].float().mean()), 4) if bool((mech == m).any()) else None
+                       for k, v in right.items()} for m, name in enumerate(proto.mechanisms)}
     spec = specialization(wm, proto.mechanisms, cfg.eval.capture_threshold)
     return {
         "examples": n,
         "accuracy": acc,
+        "accuracy_per_mechanism": per_mech,
         "win_matrix": wm,
         "mean_scores": mean_scores(res["scores"], mech, M),
         "winners": res["winners"],

@@ -104,7 +104,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         (out / "figures").mkdir(exist_ok=True)
         (out / "config.yaml").write_text(dump_yaml(cfg))
         rows = _truncate_metrics(out / "metrics.jsonl", start, manifest.get("metrics")) if resume_from else []
-        log(f"icm-dist: world size {d.world_size}, experts per rank {plan.sizes}, device {d.device}, "
+        log(f"icm-dist: launcher {d.launcher}, world size {d.world_size}, experts per rank {plan.sizes}, device {d.device}, "
             f"config {config_hash(cfg)}, out_dir {out}")
     tracker = make_tracker(cfg, d.is_main, resume=resume_from is not None)
     classifier = train_classifier(cfg, proto, d.device, log=log) if d.is_main else None
@@ -143,8 +143,11 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         for t in range(start, T):
             idx_fake = sample_indices(fake_x.shape[0], B, cfg.seed, "fake-batch", t)
             idx_real = sample_indices(real_x.shape[0], B, cfg.seed, "real-batch", t)
+            capacity = None
+            if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
+                capacity = math.ceil(cfg.train.capacity_factor * B / N)
             res = competition_step(experts, disc, d_opt, fake_x[idx_fake.to(d.device)], real_x[idx_real.to(d.device)],
-                                   plan, d)
+                                   plan, d, capacity=capacity)
             # The score matrix is identical on every rank, so every rank stops at the same step.
             if not bool(torch.isfinite(res.scores_BN).all()):
                 raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
@@ -236,6 +239,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             "config_hash": config_hash(cfg),
             "eval_examples": ev["examples"],
             "accuracy": ev["accuracy"],
+            "accuracy_per_mechanism": ev["accuracy_per_mechanism"],
             "win_matrix": [[round(float(v), 4) for v in r] for r in ev["win_matrix"]],
             "captured": ev["captured"],
             "mechanisms_captured": ev["mechanisms_captured"],
