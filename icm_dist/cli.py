@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from .generalize import add_parser as add_generalize_parser  # Figures 7 and 8 on unseen symbols
+
+    add_generalize_parser(sub)
     return p
 
 
