@@ -81,3 +81,55 @@ def test_bad_config_is_one_line(tmp_path, data_root):
     r = _run([sys.executable, TRAIN, *_overrides(tmp_path, data_root, "train.iteratons=5")], timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown config key 'train.iteratons' (did you mean 'train.iterations'?)"
+
+
+# The shipped launch files: launch/accelerate/*.yaml and launch/torchrun.sh.
+ACCEL = REPO / "launch" / "accelerate"
+TORCHRUN_SH = str(REPO / "launch" / "torchrun.sh")
+PROBE = (  # joins the group as the trainer does and reports it, without training (a few seconds)
+    "import os, sys\n"
+    f"sys.path.insert(0, {str(REPO)!r})\n"
+    "import torch.distributed as dist\n"
+    "from icm_dist.config import load_config\n"
+    "from icm_dist.parallel import init_distributed\n"
+    f"d = init_distributed(load_config({str(REPO / 'configs' / 'tiny.yaml')!r}, ['threads=1']))\n"
+    "print(f'probe rank {d.rank} world {d.world_size} launcher {d.launcher} '\n"
+    "      f'backend {dist.get_backend() if d.enabled else None}', flush=True)\n"
+    "d.close()\n")
+
+
+def test_shipped_cpu_accelerate_config_starts_gloo_processes(tmp_path):
+    # The trap this file avoids: MULTI_CPU (and `--cpu --num_processes N`) start one process.
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    r = _run([str(BIN / "accelerate"), "launch", "--config_file", str(ACCEL / "cpu_multi_process.yaml"),
+              "--main_process_port", "29635", str(probe)], timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("probe "))
+    assert lines == [f"probe rank {i} world 2 launcher accelerate backend gloo" for i in range(2)], r.stdout[-2000:]
+
+
+def test_torchrun_wrapper_builds_the_rendezvous():
+    def dry(args, **env):
+        e = {**_env(), "DRY_RUN": "1", **env}
+        for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "RDZV_ID", "SLURM_JOB_ID"):
+            if k not in env:
+                e.pop(k, None)
+        r = subprocess.run(["bash", TORCHRUN_SH, *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=30)
+        return r.returncode, r.stderr
+
+    rc, err = dry(["2", "--config", "configs/tiny.yaml", "threads=1"])
+    assert rc == 0 and "--nproc_per_node=2" in err and "--standalone" in err and "OMP_NUM_THREADS=" in err, err
+    assert err.rstrip().endswith(f"{TRAIN} --config configs/tiny.yaml threads=1"), err
+    rc, err = dry(["4", "--config", "configs/paper.yaml"], NNODES="2", NODE_RANK="1", MASTER_ADDR="node0",
+                  MASTER_PORT="29700", OMP_NUM_THREADS="3")
+    assert rc == 0, err
+    for part in ("OMP_NUM_THREADS=3", "--nproc_per_node=4", "--nnodes=2", "--rdzv_backend=c10d",
+                 "--rdzv_endpoint=node0:29700", "--rdzv_conf=is_host=0"):
+        assert part in err, (part, err)
+    rc, err = dry(["--nnodes", "2", "--node-rank", "0", "--master-addr", "h", "4", "--config", "c.yaml"])
+    assert rc == 0 and "--rdzv_endpoint=h:29500" in err and "--rdzv_conf=is_host=1" in err, err
+    rc, err = dry(["4"], NNODES="2")
+    assert rc == 2 and "needs MASTER_ADDR" in err, err
+    rc, err = dry(["--config", "configs/tiny.yaml"])
+    assert rc == 2 and "NPROC" in err, err
