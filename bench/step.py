@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -117,9 +116,10 @@ def throughput(cfg, proto, d):
 
 
 def peak_memory(path: str, experts: int, device: str, steps: int = 5) -> float:
-    """Peak memory in MiB of ``steps`` steps of one path, in a fresh child process."""
+    """Peak memory in MiB of ``steps`` steps of one path, in a fresh child process: the rise of the
+    peak resident set (Linux VmHWM, reset after set-up) on the CPU, torch's peak allocation on CUDA."""
     code = f"""
-import sys, resource, torch
+import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 sys.argv = ['x']
 from bench.step import setup, make_paths, batch
@@ -129,9 +129,15 @@ cfg, proto, d = setup({experts}, {device!r})
 (fast, Df, of), (ref, ro, Dr, orf) = make_paths(cfg, d)
 del proto.test_x, proto.test_clean
 import gc; gc.collect()
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key + ':'):
+            return int(line.split()[1]) / 1024
 if d.device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+else:
+    open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) to the current RSS
+base = status('VmRSS')
 for t in range({steps}):
     f, r = batch(proto, cfg, t, d.device)
     if {path!r} == 'fast':
@@ -141,7 +147,7 @@ for t in range({steps}):
 if d.device.type == 'cuda':
     print(torch.cuda.max_memory_allocated() / 2**20)
 else:
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print(status('VmHWM') - base)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

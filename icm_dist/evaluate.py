@@ -29,8 +29,8 @@ from .rng import generator, seeded
 def _classifier_path(cfg: Config, proto: Protocol) -> Path:
     # Keyed by the exact canonical sample it learns from (seed, split, size) and the recipe.
     h = hashlib.sha256()
-    h.update(proto.canonical_x[:64].numpy().tobytes())
-    h.update(f"{proto.canonical_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v2".encode())
+    h.update(proto.classifier_x[:64].numpy().tobytes())
+    h.update(f"{proto.classifier_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v2".encode())
     return Path(cfg.data.root) / "classifiers" / f"classifier_{h.hexdigest()[:16]}.safetensors"
 
 
@@ -45,7 +45,7 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
         model = Classifier()
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = proto.canonical_x, proto.canonical_labels
+    x, y = proto.classifier_x, proto.classifier_labels
     n, bs = x.shape[0], 128
     steps_per_epoch = max(1, n // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps_per_epoch * cfg.eval.classifier_epochs)

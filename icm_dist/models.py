@@ -225,7 +225,11 @@ class Discriminator(nn.Module):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.hidden), FastELU(), nn.Linear(cfg.hidden, 1))
 
     def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x_N1HW)).squeeze(1)
+        h = self.features(x_N1HW)
+        # The head runs in fp32 even under bf16 autocast: the logits decide every winner, and bf16's
+        # 8-bit mantissa would turn near-equal scores into exact ties (all going to the lowest id).
+        with torch.autocast(h.device.type, enabled=False):
+            return self.fc(h.float()).squeeze(1)
 
 
 def make_discriminator(cfg: Config) -> Discriminator:

@@ -25,6 +25,10 @@ def test_overrides_are_yaml_scalars():
                              "train.stop_when_stable=null", "resume=auto", "tracking.wandb.mode=offline"])
     assert cfg.seed == 3 and cfg.train.iterations == 500 and cfg.run.out_dir == "runs/x"
     assert cfg.data.mechanisms == ["invert", "noise"] and cfg.resume == "auto"
+    # "1e-4" is a string to YAML 1.1; a float field takes it anyway
+    assert load_config(None, ["train.lr_expert=1e-4"]).train.lr_expert == 1e-4
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        load_config(None, ["train.lr_expert=fast"])
 
 
 @pytest.mark.parametrize("override,message", [

@@ -4,6 +4,7 @@ Each test checks the run directory (summary.json's world size, the checkpoint), 
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def test_shipped_cpu_accelerate_config_starts_gloo_processes(tmp_path):
     r = _run([str(BIN / "accelerate"), "launch", "--config_file", str(ACCEL / "cpu_multi_process.yaml"),
               "--main_process_port", "29635", str(probe)], timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("probe "))
+    # Two processes share the pipe, so their lines may interleave: find the reports, not the lines.
+    lines = sorted(re.findall(r"probe rank \d+ world \d+ launcher \w+ backend \w+", r.stdout))
     assert lines == [f"probe rank {i} world 2 launcher accelerate backend gloo" for i in range(2)], r.stdout[-2000:]
 
 

@@ -13,6 +13,7 @@ LEARN = ["data.mechanisms=[invert,noise]", "data.transformed_examples=6000", "ex
          "expert.depth=3", "discriminator.widths=[8,16,32]", "discriminator.hidden=128", "identity_init.max_steps=60",
          "train.iterations=150", "train.batch_size=32", "eval.every=75", "eval.examples=300",
          "eval.final_examples=400", "eval.classifier_epochs=1", "checkpoint.every=0", "tracking.log_every=25",
+         "tracking.figures_every=0",
          "tracking.wandb.mode=disabled", "run.progress=false", "threads=2"]
 
 
@@ -44,10 +45,13 @@ def test_nan_loss_stops_with_a_message_and_keeps_what_was_written(tmp_path, data
     out = tmp_path / "run"
     # A learning rate of 1e6 blows the discriminator up within a few steps.
     cfg = load_config(None, [f"data.root={data_root}", f"run.out_dir={out}", *LEARN, "train.lr_discriminator=1e6",
-                             "train.iterations=60", "checkpoint.every=5", "tracking.log_every=1",
+                             "train.iterations=60", "checkpoint.every=1", "tracking.log_every=1",
                              "identity_init.enabled=false", "train.precision=fp32"])
-    with pytest.raises(TrainingError, match="non-finite discriminator scores at iteration"):
+    with pytest.raises(TrainingError, match="non-finite discriminator scores at iteration") as e:
         train(cfg)
+    failed_at = int(str(e.value).split("at iteration ")[1].split()[0].rstrip(";"))
+    assert failed_at >= 2, "the blow-up should take a step or more"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows, "metrics written before the failure stay readable"
-    assert (out / "checkpoints" / "latest").is_file()
+    assert rows and rows[-1]["iteration"] == failed_at - 1, "metrics written before the failure stay readable"
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"iter_{failed_at - 1:07d}" and (out / "checkpoints" / latest / "manifest.json").is_file()

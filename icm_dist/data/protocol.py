@@ -27,8 +27,9 @@ TEST_ID_OFFSET = 60000
 @dataclass
 class Protocol:
     mechanisms: list[str]
-    canonical_x: torch.Tensor  # [Nc, 1, 32, 32] canonical sample D_P
-    canonical_labels: torch.Tensor  # [Nc] (the classifier's training labels; never used by the committee)
+    canonical_x: torch.Tensor  # [Nc, 1, 32, 32] canonical sample D_P (what D sees as real)
+    classifier_x: torch.Tensor  # [30000, 1, 32, 32] the whole canonical half: the evaluation classifier's data
+    classifier_labels: torch.Tensor  # [30000] (never used by the committee)
     transformed_x: torch.Tensor  # [Nt, 1, 32, 32] D_Q: what the experts see
     transformed_mech: torch.Tensor  # [Nt] mechanism index (logging only: the committee never sees it)
     test_x: torch.Tensor  # [10000, 1, 32, 32] transformed test digits, in the seeded evaluation order
@@ -48,9 +49,10 @@ def build_protocol(cfg: Config, mnist: dict | None = None) -> Protocol:
     n_train = train_x.shape[0]
 
     perm = torch.randperm(n_train, generator=generator(cfg.seed, "split"))
-    canonical_ids, transformed_ids = perm[: n_train // 2], perm[n_train // 2:]
-    if cfg.data.canonical_examples is not None:
-        canonical_ids = canonical_ids[: cfg.data.canonical_examples]
+    half_ids, transformed_ids = perm[: n_train // 2], perm[n_train // 2:]
+    # The 64-example ablation limits what D sees, not the evaluation classifier: that stays the same
+    # "pretrained standard MNIST classifier" across ablations, trained on the whole canonical half.
+    canonical_ids = half_ids if cfg.data.canonical_examples is None else half_ids[: cfg.data.canonical_examples]
     if cfg.data.transformed_examples is not None:
         transformed_ids = transformed_ids[: cfg.data.transformed_examples]
 
@@ -65,7 +67,8 @@ def build_protocol(cfg: Config, mnist: dict | None = None) -> Protocol:
     return Protocol(
         mechanisms=names,
         canonical_x=train_x[canonical_ids].contiguous(),
-        canonical_labels=mnist["train_labels"][canonical_ids].long(),
+        classifier_x=train_x[half_ids].contiguous(),
+        classifier_labels=mnist["train_labels"][half_ids].long(),
         transformed_x=transformed.contiguous(),
         transformed_mech=t_mech,
         test_x=test_t.contiguous(),
