@@ -21,7 +21,6 @@ the phases for several simulated ranks in one process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import Config, to_dict
 from .errors import CheckpointError
+from .utils import sha256_file
 
 FORMAT_VERSION = 1
 EXPERT_FORMAT = "icm-dist-expert/1"
@@ -52,14 +52,6 @@ def expert_filename(gid: int) -> str:
 
 def iter_dirname(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _one_line(e: BaseException) -> str:

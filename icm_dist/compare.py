@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import IcmError
+from .utils import flatten
 
 # Keys that do not change what is being measured, only which repetition it is (seed), where it is
 # written (run.*, data.root), how it resumed, how it is tracked, and how many CPU threads it used.
@@ -34,18 +35,6 @@ IGNORED_KEYS = ("seed", "run.", "resume", "tracking.", "data.root", "threads", "
 
 class CompareError(IcmError):
     """A run directory that cannot be compared."""
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    out: dict = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _ignored(key: str) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import Config, TrainConfig
+from .config import Config
 from .models import Expert, ExpertBank
 from .parallel import Dist, ShardPlan, real_slice, settle_winners, settle_winners_capped
 from .rng import sample_indices

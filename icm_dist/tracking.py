@@ -28,6 +28,7 @@ import torch
 
 from .config import Config, to_dict
 from .errors import IcmError
+from .utils import flatten
 
 
 def _jsonable(v: Any):
@@ -177,7 +178,7 @@ class Tracker(NullTracker):
         self.file.flush()
         self._remember(row)
         if self.wandb is not None:
-            self.wandb.log({"iteration": step, **{k: v for k, v in _flatten(metrics).items() if v is not None}})
+            self.wandb.log({"iteration": step, **{k: v for k, v in flatten(metrics, sep="/").items() if v is not None}})
 
     def log_images(self, images: dict, step: int) -> None:
         if self.wandb is not None:
@@ -230,7 +231,7 @@ class Tracker(NullTracker):
 
     def summary(self, values: dict) -> None:
         if self.wandb is not None:
-            for k, v in _flatten(_jsonable(values)).items():
+            for k, v in flatten(_jsonable(values), sep="/").items():
                 self.wandb.summary[k] = v
 
     def finish(self) -> None:
@@ -249,17 +250,6 @@ def _run_id(out_dir: Path, resume: bool) -> str:
     rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     p.write_text(rid)
     return rid
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
 
 
 def make_tracker(cfg: Config, is_main: bool, resume: bool = False):

@@ -23,7 +23,7 @@ from icm_dist import reuse
 from icm_dist.competition import LocalExperts
 from icm_dist.config import load_config
 from icm_dist.errors import CheckpointError
-from icm_dist.models import Expert, make_discriminator
+from icm_dist.models import make_discriminator
 from icm_dist.parallel import ShardPlan
 
 REPO = Path(__file__).resolve().parents[1]

