@@ -7,7 +7,8 @@ Reference path: ``competition.reference_step``, a plain loop over ``Expert`` mod
 dense backward through every expert and D, and a separate D update (what the public
 implementations do). Fast path: ``competition.competition_step`` with the default config (batched
 experts as grouped convolutions, channels_last, bf16 autocast where native, one D pass that both
-scores and trains, a backward only through the winners). Steps alternate between the two paths so
+scores and trains); it is timed with both ``train.expert_backward`` modes (the default, ``dense``,
+and ``winners``, which backpropagates only through the examples each expert won). Steps alternate between the two paths so
 that both see the same machine state; the medians are compared. Also: identity-initialization
 and evaluation throughput, and peak memory of each path (measured in a child process each).
 
@@ -72,12 +73,16 @@ def make_paths(cfg, d):
 
 
 def time_steps(cfg, proto, d, steps: int, warmup: int = 3):
+    """Median step times of the reference path, the default fast path and the fast path with the
+    other ``train.expert_backward`` mode, measured in rotation so all three see the same machine."""
     plan = ShardPlan(cfg.expert.num, 1)
     (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref) = make_paths(cfg, d)
-    t_fast, t_ref = [], []
+    other = copy.deepcopy(cfg)
+    other.train.expert_backward = "winners" if cfg.train.expert_backward == "dense" else "dense"
+    (alt, D_alt, opt_alt), _ = make_paths(other, d)
+    t_ref, t_fast, t_alt = [], [], []
     for t in range(warmup + steps):
         f, r = batch(proto, cfg, t, d.device)
-        # Alternate: each pair of measurements sees the same machine state.
         sync(d.device)
         t0 = time.perf_counter()
         reference_step(ref, ref_opts, D_ref, opt_ref, f, r)
@@ -86,10 +91,14 @@ def time_steps(cfg, proto, d, steps: int, warmup: int = 3):
         competition_step(fast, D_fast, opt_fast, f, r, plan, d)
         sync(d.device)
         t2 = time.perf_counter()
+        competition_step(alt, D_alt, opt_alt, f, r, plan, d)
+        sync(d.device)
+        t3 = time.perf_counter()
         if t >= warmup:
             t_ref.append(t1 - t0)
             t_fast.append(t2 - t1)
-    return statistics.median(t_ref), statistics.median(t_fast)
+            t_alt.append(t3 - t2)
+    return statistics.median(t_ref), statistics.median(t_fast), statistics.median(t_alt), other.train.expert_backward
 
 
 def throughput(cfg, proto, d):
@@ -164,23 +173,25 @@ def main():
     rows = []
     for n in args.experts:
         cfg, proto, d = setup(n, args.device)
-        ref_s, fast_s = time_steps(cfg, proto, d, args.steps)
+        ref_s, fast_s, alt_s, alt_mode = time_steps(cfg, proto, d, args.steps)
         id_rate, eval_rate = throughput(cfg, proto, d)
         mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device),
                                                    peak_memory("fast", n, args.device))
         rows.append({"experts": n, "reference_ms": 1000 * ref_s, "fast_ms": 1000 * fast_s, "speedup": ref_s / fast_s,
+                     f"fast_{alt_mode}_ms": 1000 * alt_s, f"speedup_{alt_mode}": ref_s / alt_s,
                      "identity_steps_per_s": id_rate, "eval_examples_per_s": eval_rate,
                      "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
     dev = d.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
           f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}; batch {cfg.train.batch_size}")
-    print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} {'id steps/s':>10} {'eval ex/s':>9} "
-          f"{'ref MiB':>8} {'fast MiB':>8}")
+    print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} {alt_mode + ' ms':>11} {'ratio':>6} "
+          f"{'id steps/s':>10} {'eval ex/s':>9} {'ref MiB':>8} {'fast MiB':>8}")
     for r in rows:
         mem = (f"{r['reference_peak_mib']:8.0f} {r['fast_peak_mib']:8.0f}" if r["fast_peak_mib"] is not None
                else f"{'-':>8} {'-':>8}")
         print(f"{r['experts']:>7} {r['reference_ms']:13.1f} {r['fast_ms']:8.1f} {r['speedup']:5.2f}x "
+              f"{r[f'fast_{alt_mode}_ms']:11.1f} {r[f'speedup_{alt_mode}']:5.2f}x "
               f"{r['identity_steps_per_s']:10.2f} {r['eval_examples_per_s']:9.0f} {mem}")
     if args.json:
         with open(args.json, "w") as f:

@@ -102,10 +102,11 @@ class TrainConfig:
     ``auto`` picks bf16 where the hardware has it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX)."""
     channels_last: bool = True
     """Run convolutions in channels_last memory format (measured faster with oneDNN and cuDNN alike)."""
-    expert_backward: Literal["winners", "dense"] = "winners"
+    expert_backward: Literal["dense", "winners"] = "dense"
     """``dense``: the paper's formulation, every expert's graph over the whole batch (BatchNorm statistics
     carry gradient from every example). ``winners``: each winner re-runs only on the examples it won,
-    with the batch statistics held fixed: the same outputs, a backward only where a loss exists."""
+    with the batch statistics held fixed: the same outputs, a backward only where a loss exists, ~1.6x
+    faster on a CPU, but measured to specialize far more slowly (docs/results.md), so not the default."""
     capacity_factor: Optional[float] = None
     """Beyond the paper: during the first ``capacity_iterations``, no expert may win more than
     ceil(capacity_factor * batch_size / expert.num) examples of a batch; the rest go to their best expert
