@@ -325,15 +325,22 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
     result["figures"] = {"generalization": str(generalization_png(
         experts, names, sym.images, seed, result["generalization"], figs / FIG7_FILE))}
 
-    missing = [nm for nm in chain if captured.get(nm) is None]
+    # A mechanism that was not captured (say, split between two experts) is undone by its top winner on
+    # the test digits, as a user would pick it from the win matrix; the result records which was used.
+    top = {}
+    if src.summary and src.summary.get("win_matrix"):
+        wm = src.summary["win_matrix"]
+        top = {nm: max(range(len(wm[m])), key=lambda e: wm[m][e]) for m, nm in enumerate(names) if any(wm[m])}
+    missing = [nm for nm in chain if captured.get(nm) is None and nm not in top]
     if missing:
         why = ", ".join(f"'{nm}' " + ("is not a mechanism of this run" if nm not in names else "was not captured")
                         for nm in missing)
         result["composition"] = {"chain": list(chain), "skipped": f"{why}; no expert to undo it"}
         result["figures"]["composition"] = None
     else:
-        undo_ids = [int(captured[nm]) for nm in reversed(chain)]
-        labels = [f"E{g} ({nm})" for g, nm in zip(undo_ids, reversed(chain))]
+        undo_ids = [int(captured[nm]) if captured.get(nm) is not None else top[nm] for nm in reversed(chain)]
+        labels = [f"E{g} ({nm}{'' if captured.get(nm) is not None else ', top winner, not captured'})"
+                  for g, nm in zip(undo_ids, reversed(chain))]
         comp, images = measure_composition(chain, [experts[g] for g in undo_ids], sym.images, seed,
                                            batch=batch, labels=labels)
         comp["experts"] = undo_ids
