@@ -107,7 +107,8 @@ def test_shipped_cpu_accelerate_config_starts_gloo_processes(tmp_path):
               "--main_process_port", "29635", str(probe)], timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     # Two processes share the pipe, so their lines may interleave: find the reports, not the lines.
-    lines = sorted(re.findall(r"probe rank \d+ world \d+ launcher \w+ backend \w+", r.stdout))
+    lines = sorted(re.findall(r"probe rank \d+ world \d+ launcher (?:accelerate|torchrun|python) backend (?:gloo|nccl|None)",
+                              r.stdout))
     assert lines == [f"probe rank {i} world 2 launcher accelerate backend gloo" for i in range(2)], r.stdout[-2000:]
 
 
