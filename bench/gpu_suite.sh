@@ -10,7 +10,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_SECONDS:-90}" python3 bench/step.py --experts 10 100 --steps 10 --device cuda --no-memory \
     --json "$OUT/bench_step_gpu.json" 2>&1 | tee "$OUT/bench_step_gpu.txt"
-timeout "${SUITE_SECONDS:-420}" python3 launch/reproduce.py --out "$SUITE" --jobs "${JOBS:-14}" \
+# JOBS: 14 runs at once on one H200 (no MPS) took ~380 s each, far longer than one alone: keep it small.
+timeout "${SUITE_SECONDS:-420}" python3 launch/reproduce.py --out "$SUITE" --jobs "${JOBS:-4}" \
     device=cuda data.root=data threads=1 tracking.wandb.mode=disabled 2>&1 | tail -60
 python3 launch/reproduce.py --out "$SUITE" --report-only > /dev/null 2>&1
 (cd "$SUITE" && tar czf "$OUT/suite.tgz" --exclude='*.safetensors' --exclude='*.png' .)
