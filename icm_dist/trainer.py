@@ -208,7 +208,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                 if last_acc is not None:
                     progress.set_postfix(restored_acc=f"{last_acc:.3f}", refresh=False)
             if cfg.checkpoint.every and it % cfg.checkpoint.every == 0 and it != T and not stopped_early:
-                ckpt_lib.save_checkpoint(out, it, cfg, experts, disc_module, d_opt, d, plan, _persist(state),
+                ckpt_lib.save_checkpoint(out, it, cfg, experts, disc_module, d_opt, d, plan, state,
                                          rows, cfg.checkpoint.keep)
             # TEST HOOK (tests/test_resume_launch.py): on torchrun's first launch, rank 1 SIGKILLs itself after
             # iteration ICM_DIST_TEST_KILL_AT, so the test can watch torchrun restart the group and resume.
@@ -222,7 +222,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
 
         # Final evaluation on the full test budget, then the summary, figures and a last checkpoint.
         ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.final_examples)
-        ckpt_lib.save_checkpoint(out, final_it, cfg, experts, disc_module, d_opt, d, plan, _persist(state),
+        ckpt_lib.save_checkpoint(out, final_it, cfg, experts, disc_module, d_opt, d, plan, state,
                                  rows, cfg.checkpoint.keep)
         if not d.is_main:
             return None
@@ -260,10 +260,6 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         return summary
     finally:
         tracker.finish()
-
-
-def _persist(state: dict) -> dict:
-    return {k: v for k, v in state.items()}
 
 
 def _eval_metrics(ev: dict) -> dict:
