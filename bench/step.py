@@ -5,12 +5,13 @@
 
 Reference path: ``competition.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
 dense backward through every expert and D, and a separate D update (what the public
-implementations do). Fast path: ``competition.competition_step`` with the default config (batched
-experts as grouped convolutions, channels_last, bf16 autocast where native, one D pass that both
-scores and trains); it is timed with both ``train.expert_backward`` modes (the default, ``dense``,
-and ``winners``, which backpropagates only through the examples each expert won). Steps alternate between the two paths so
-that both see the same machine state; the medians are compared. Also: identity-initialization
-and evaluation throughput, and peak memory of each path (measured in a child process each).
+implementations do). Fast path: ``competition.competition_step`` with configs/paper.yaml as it is
+(batched experts as grouped convolutions, channels_last, bf16 autocast where native, one D pass that
+both scores and trains, the dense expert backward, ``torch.compile`` of the experts' pass). Timed
+beside it: the same with ``train.compile`` flipped, and the ``winners`` expert-backward mode (which
+backpropagates only through the examples each expert won). One step of every path per round, so
+that all see the same machine state; the medians are compared. Also: identity-initialization and
+evaluation throughput, and peak memory of the reference and the fast path (a child process each).
 
 The last line reads ``speedup N.NNx`` (reference over fast, paper config).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -31,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from icm_dist.competition import LocalExperts, competition_step, identity_init, reference_step, resolve_precision  # noqa: E402
-from icm_dist.config import load_config  # noqa: E402
+from icm_dist.config import apply_override, load_config  # noqa: E402
 from icm_dist.data.protocol import build_protocol  # noqa: E402
 from icm_dist.evaluate import run_committee  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
@@ -72,33 +74,40 @@ def make_paths(cfg, d):
     return (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref)
 
 
-def time_steps(cfg, proto, d, steps: int, warmup: int = 3):
-    """Median step times of the reference path, the default fast path and the fast path with the
-    other ``train.expert_backward`` mode, measured in rotation so all three see the same machine."""
+def variants(cfg) -> list[tuple[str, list[str]]]:
+    """The fast paths timed beside the reference: the config as it is (the headline), the same with
+    ``train.compile`` flipped, and the ``winners`` expert-backward mode (compile does not apply to it)."""
+    flip = "eager" if cfg.train.compile else "compiled"
+    out = [("fast", []), (flip, [f"train.compile={not cfg.train.compile}"])]
+    if cfg.train.expert_backward == "dense":
+        out.append(("winners", ["train.expert_backward=winners", "train.compile=false"]))
+    return out
+
+
+def time_steps(cfg, proto, d, steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median step times (s) of the reference path and of every fast variant, measured in rotation
+    (one step of each per round) so that all see the same machine state. Compilation happens in the
+    warm-up steps."""
     plan = ShardPlan(cfg.expert.num, 1)
     (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref) = make_paths(cfg, d)
-    other = copy.deepcopy(cfg)
-    other.train.expert_backward = "winners" if cfg.train.expert_backward == "dense" else "dense"
-    (alt, D_alt, opt_alt), _ = make_paths(other, d)
-    t_ref, t_fast, t_alt = [], [], []
+    paths = {"reference": lambda f, r: reference_step(ref, ref_opts, D_ref, opt_ref, f, r)}
+    for name, over in variants(cfg):
+        vcfg = copy.deepcopy(cfg)
+        for o in over:
+            apply_override(vcfg, o)
+        (ex, D, opt), _ = make_paths(vcfg, d) if over else ((fast, D_fast, opt_fast), None)
+        paths[name] = functools.partial(lambda ex, D, opt, f, r: competition_step(ex, D, opt, f, r, plan, d), ex, D, opt)
+    times: dict[str, list] = {k: [] for k in paths}
     for t in range(warmup + steps):
         f, r = batch(proto, cfg, t, d.device)
-        sync(d.device)
-        t0 = time.perf_counter()
-        reference_step(ref, ref_opts, D_ref, opt_ref, f, r)
-        sync(d.device)
-        t1 = time.perf_counter()
-        competition_step(fast, D_fast, opt_fast, f, r, plan, d)
-        sync(d.device)
-        t2 = time.perf_counter()
-        competition_step(alt, D_alt, opt_alt, f, r, plan, d)
-        sync(d.device)
-        t3 = time.perf_counter()
-        if t >= warmup:
-            t_ref.append(t1 - t0)
-            t_fast.append(t2 - t1)
-            t_alt.append(t3 - t2)
-    return statistics.median(t_ref), statistics.median(t_fast), statistics.median(t_alt), other.train.expert_backward
+        for name, step in paths.items():
+            sync(d.device)
+            t0 = time.perf_counter()
+            step(f, r)
+            sync(d.device)
+            if t >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def throughput(cfg, proto, d):
@@ -173,26 +182,33 @@ def main():
     rows = []
     for n in args.experts:
         cfg, proto, d = setup(n, args.device)
-        ref_s, fast_s, alt_s, alt_mode = time_steps(cfg, proto, d, args.steps)
+        med = time_steps(cfg, proto, d, args.steps)
         id_rate, eval_rate = throughput(cfg, proto, d)
         mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device),
                                                    peak_memory("fast", n, args.device))
-        rows.append({"experts": n, "reference_ms": 1000 * ref_s, "fast_ms": 1000 * fast_s, "speedup": ref_s / fast_s,
-                     f"fast_{alt_mode}_ms": 1000 * alt_s, f"speedup_{alt_mode}": ref_s / alt_s,
-                     "identity_steps_per_s": id_rate, "eval_examples_per_s": eval_rate,
-                     "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
+        row = {"experts": n, "reference_ms": 1000 * med["reference"]}
+        for name in med:
+            if name != "reference":
+                row[f"{name}_ms"] = 1000 * med[name]
+                row[f"speedup_{name}" if name != "fast" else "speedup"] = med["reference"] / med[name]
+        row.update({"identity_steps_per_s": id_rate, "eval_examples_per_s": eval_rate,
+                    "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
+        rows.append(row)
     dev = d.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
-          f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}; batch {cfg.train.batch_size}")
-    print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} {alt_mode + ' ms':>11} {'ratio':>6} "
-          f"{'id steps/s':>10} {'eval ex/s':>9} {'ref MiB':>8} {'fast MiB':>8}")
+          f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}, "
+          f"compile {cfg.train.compile}; batch {cfg.train.batch_size}")
+    others = [v for v, _ in variants(cfg)[1:]]
+    print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} "
+          + "".join(f"{v + ' ms':>12} {'ratio':>6} " for v in others)
+          + f"{'id steps/s':>10} {'eval ex/s':>9} {'ref MiB':>8} {'fast MiB':>8}")
     for r in rows:
         mem = (f"{r['reference_peak_mib']:8.0f} {r['fast_peak_mib']:8.0f}" if r["fast_peak_mib"] is not None
                else f"{'-':>8} {'-':>8}")
         print(f"{r['experts']:>7} {r['reference_ms']:13.1f} {r['fast_ms']:8.1f} {r['speedup']:5.2f}x "
-              f"{r[f'fast_{alt_mode}_ms']:11.1f} {r[f'speedup_{alt_mode}']:5.2f}x "
-              f"{r['identity_steps_per_s']:10.2f} {r['eval_examples_per_s']:9.0f} {mem}")
+              + "".join(f"{r[f'{v}_ms']:12.1f} {r[f'speedup_{v}']:5.2f}x " for v in others)
+              + f"{r['identity_steps_per_s']:10.2f} {r['eval_examples_per_s']:9.0f} {mem}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "rows": rows}, f, indent=1)

@@ -135,6 +135,11 @@ class LocalExperts:
         if cfg.train.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
+        # The training-mode pass over all experts: the dense step and identity initialization call it
+        # with the same [B, E, H, W] shape, so one compiled graph serves both. Evaluation (eval-mode
+        # BatchNorm, other batch sizes) and the winners mode (shapes change every step) stay eager.
+        # The compiled module shares the bank's parameters and buffers: checkpoints see no difference.
+        self.train_forward = torch.compile(self.bank, dynamic=False) if cfg.train.compile else self.bank
 
     def new_optimizer(self) -> MaskedAdam:
         t = self.cfg.train
@@ -202,7 +207,8 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
     sparse = cfg.train.expert_backward == "winners"
     stats: list | None = [] if sparse else None
     with amp, torch.set_grad_enabled(not sparse):
-        out_BEHW = experts.bank(experts.expand_input(x_fake_B1HW), collect_stats=stats)
+        x_BEHW = experts.expand_input(x_fake_B1HW)
+        out_BEHW = experts.bank(x_BEHW, collect_stats=stats) if sparse else experts.train_forward(x_BEHW)
     # Example-major rows: row i*E + j is local expert j's output for example i.
     fakes = out_BEHW.detach().float().reshape(B * E, 1, H, W)
     reals = x_real_B1HW[real_slice(B, d.world_size, d.rank)]
@@ -284,7 +290,7 @@ def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, d
             x_BEHW = x_BEHW.contiguous(memory_format=torch.channels_last)
         saved = experts.snapshot_buffers()
         with amp:
-            out = experts.bank(x_BEHW)
+            out = experts.train_forward(x_BEHW)
         mse_E = (out.float() - x_BEHW).pow(2).mean(dim=(0, 2, 3))
         last_mse_E = torch.where(active_E.cpu(), mse_E.detach().cpu(), last_mse_E)
         active_E &= mse_E.detach() >= ic.mse

@@ -56,7 +56,7 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
             # No augmentation: a standard MNIST classifier, as in the paper, so that 4-pixel shifts
             # fool it and the transformed accuracy is comparable with the paper's ~40%.
             xb = x[idx].to(device)
-            with autocast(device, "bf16" if device.type == "cpu" else "fp32"):
+            with autocast(device, cfg.train.precision):
                 loss = F.cross_entropy(model(xb).float(), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
@@ -160,8 +160,13 @@ def specialization(wm_ME: torch.Tensor, names: list[str], threshold: float) -> d
 
 
 def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, plan: ShardPlan, d: Dist, cfg: Config,
-             n: int) -> dict | None:
-    """Evaluate on the first ``n`` transformed test digits. Returns the metrics on rank 0, None elsewhere."""
+             n: int, fixed: dict | None = None) -> dict | None:
+    """Evaluate on the first ``n`` transformed test digits. Returns the metrics on rank 0, None elsewhere.
+
+    ``fixed``: a dict the caller keeps across evaluations with the same classifier; the classifier's
+    verdicts on the transformed and original digits, which training cannot change, are cached there
+    by ``n`` instead of recomputed at every periodic evaluation.
+    """
     x, clean = proto.test_x[:n], proto.test_clean[:n]
     mech, labels = proto.test_mech[:n], proto.test_labels[:n]
     res = run_committee(experts, disc_module, x, plan, d, cfg)
@@ -169,10 +174,14 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
         return None
     M, N = len(proto.mechanisms), plan.num_experts
     wm = win_matrix(res["winners"], mech, M, N)
+    fixed = {} if fixed is None else fixed
+    if n not in fixed:
+        fixed[n] = {"transformed": classify(classifier, x, d.device) == labels,
+                    "original": classify(classifier, clean, d.device) == labels}
     right = {
-        "transformed": classify(classifier, x, d.device) == labels,
+        "transformed": fixed[n]["transformed"],
         "restored": classify(classifier, res["restored"], d.device) == labels,
-        "original": classify(classifier, clean, d.device) == labels,
+        "original": fixed[n]["original"],
     }
     acc = {k: float(v.float().mean()) for k, v in right.items()}
     # Per mechanism: a mechanism counts as learned when its restored accuracy nears the original's,

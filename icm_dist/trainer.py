@@ -108,6 +108,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             f"config {config_hash(cfg)}, out_dir {out}")
     tracker = make_tracker(cfg, d.is_main, resume=resume_from is not None)
     classifier = train_classifier(cfg, proto, d.device, log=log) if d.is_main else None
+    fixed_verdicts: dict = {}  # the classifier on the transformed and original probe digits, computed once
 
     try:
         if resume_from is None and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
@@ -185,7 +186,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                 t_window, steps_window = time.time(), 0
 
             if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
-                ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.examples)
+                ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.examples, fixed_verdicts)
                 stable = None
                 if d.is_main:
                     metrics = _eval_metrics(ev)

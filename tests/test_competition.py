@@ -38,19 +38,24 @@ def batches(proto, cfg, t, B=16):
     return f, r
 
 
-@pytest.mark.parametrize("mode", ["dense", "winners"])
+@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled"])
 def test_fast_path_matches_reference(data_root, mnist, proto_cache, mode):
     """fp32: same winners every step; parameters equal to float tolerance after several steps.
+
+    ``dense-compiled``: the dense step with the experts' pass under torch.compile (train.compile),
+    whose fused BatchNorm/ELU kernels sum in yet another order, held to the same tolerances.
 
     Tolerance: grouped vs separate convolutions and one D pass over [real; fakes] vs separate passes
     sum in different orders (~1e-7 relative per op); Adam's normalized steps keep differences at the
     level of lr * (relative gradient error), far below 1e-4 after 5 steps.
     """
-    cfg = small_cfg(data_root, f"train.expert_backward={mode}")
+    mode, _, compiled = mode.partition("-")
+    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
     proto = get_proto(cfg, mnist, proto_cache)
     d = Dist(0, 1, 0, torch.device("cpu"))
     plan = ShardPlan(cfg.expert.num, 1)
     fast = LocalExperts(cfg, list(range(4)), d.device)
+    assert (fast.train_forward is not fast.bank) == bool(compiled)
     ref = fast.bank.to_experts()
     ref_opts = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in ref]
     D1 = make_discriminator(cfg)
@@ -102,9 +107,10 @@ def test_winners_mode_gradient_differs_from_dense_only_through_batch_statistics(
     torch.testing.assert_close(res[0].scores_BN, res[1].scores_BN)
 
 
-@pytest.mark.parametrize("mode", ["dense", "winners"])
+@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled"])
 def test_losers_stay_bitwise_unchanged(data_root, mnist, proto_cache, mode):
-    cfg = small_cfg(data_root, f"train.expert_backward={mode}")
+    mode, _, compiled = mode.partition("-")
+    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
     proto = get_proto(cfg, mnist, proto_cache)
     d, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
     ex = LocalExperts(cfg, list(range(4)), d.device)

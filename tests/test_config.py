@@ -56,6 +56,14 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(e.value)
 
 
+def test_compile_without_a_compiler_names_the_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
+    with pytest.raises(ConfigError, match="config key 'train.compile' = True: torch.compile needs a C\\+\\+ compiler"):
+        load_config(None, ["train.compile=true"])
+    load_config(None, ["train.compile=false"])
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
