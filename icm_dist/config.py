@@ -112,7 +112,8 @@ class TrainConfig:
     """``torch.compile`` the experts' training pass (the dense step and identity initialization; both have
     the same static shapes): fuses BatchNorm, ELU and their backward around the convolutions. On a 2-core
     CPU (bench/step.py) 3-10% off the step at 10 experts, 1.6x at 40, after ~15 s of compilation on a
-    cold cache; needs a C++ compiler. Ignored with ``expert_backward=winners`` (shapes change every step)."""
+    cold cache; needs a C++ compiler. With ``expert_backward=winners`` only identity initialization is
+    compiled (that mode's step changes shapes every step)."""
     capacity_factor: Optional[float] = None
     """Beyond the paper: during the first ``capacity_iterations``, no expert may win more than
     ceil(capacity_factor * batch_size / expert.num) examples of a batch; the rest go to their best expert
