@@ -331,16 +331,18 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
     if src.summary and src.summary.get("win_matrix"):
         wm = src.summary["win_matrix"]
         top = {nm: max(range(len(wm[m])), key=lambda e: wm[m][e]) for m, nm in enumerate(names) if any(wm[m])}
-    missing = [nm for nm in chain if captured.get(nm) is None and nm not in top]
+    # The expert that undoes each mechanism of the chain: its captor, else its top winner.
+    undo = {nm: (int(captured[nm]), "") if captured.get(nm) is not None else (top[nm], ", top winner, not captured")
+            for nm in chain if captured.get(nm) is not None or nm in top}
+    missing = [nm for nm in chain if nm not in undo]
     if missing:
         why = ", ".join(f"'{nm}' " + ("is not a mechanism of this run" if nm not in names else "was not captured")
                         for nm in missing)
         result["composition"] = {"chain": list(chain), "skipped": f"{why}; no expert to undo it"}
         result["figures"]["composition"] = None
     else:
-        undo_ids = [int(captured[nm]) if captured.get(nm) is not None else top[nm] for nm in reversed(chain)]
-        labels = [f"E{g} ({nm}{'' if captured.get(nm) is not None else ', top winner, not captured'})"
-                  for g, nm in zip(undo_ids, reversed(chain))]
+        undo_ids = [undo[nm][0] for nm in reversed(chain)]
+        labels = [f"E{undo[nm][0]} ({nm}{undo[nm][1]})" for nm in reversed(chain)]
         comp, images = measure_composition(chain, [experts[g] for g in undo_ids], sym.images, seed,
                                            batch=batch, labels=labels)
         comp["experts"] = undo_ids
