@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .generalize import add_parser as add_generalize_parser  # Figures 7 and 8 on unseen symbols
 
     add_generalize_parser(sub)
+    from .ownership import add_parser as add_ownership_parser  # who leads which mechanism, over training
+
+    add_ownership_parser(sub)
     return p
 
 

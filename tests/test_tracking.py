@@ -375,3 +375,15 @@ def test_compare_on_two_tiny_runs(single_run, torchrun_run, tmp_path):
     assert row.split()[:6] == ["(one", "config)", g["experiment"], "2", "0,0",
                                f"{g['stats']['restored']['mean']:.3f}"]
     assert png.is_file()
+
+
+def test_ownership_reads_a_real_run(single_run):
+    """The keys ``icm-dist ownership`` reads are the ones the trainer writes."""
+    from icm_dist import ownership as own
+
+    rows, names, N = own.read_run(single_run)
+    tl = own.timeline(rows, names, N)
+    assert tl, "no logged row holds the scores of every mechanism"
+    assert all(set(lead) == set(names) and all(0 <= e < N for e in lead.values()) for _, lead in tl)
+    text, v = own.report(single_run, every=1)
+    assert v["settled_at"] is not None and "settled at iteration" in text

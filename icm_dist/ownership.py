@@ -1,0 +1,140 @@
+"""``icm-dist ownership RUN_DIR...``: which expert leads each mechanism over training, from the log.
+
+The paper explains its failed runs by one expert winning several mechanisms early. This reads the
+answer for a finished (or running) run out of ``metrics.jsonl``: every ``tracking.log_every``
+iterations the trainer logs ``score/<mechanism>/e<expert>``, D's mean score of each expert's output
+on the examples of each mechanism over that window (the data of the paper's Figure 4). The expert
+with the highest score on a mechanism's examples is the one that wins them, so the argmax per
+mechanism is the committee's division of labour at that moment. Printed every ``--every``
+iterations: one group per expert, with the mechanisms it leads (``e6:down+noise`` is a shared
+expert), and a verdict per run: the iteration from which the division no longer changed, the
+experts that ended up leading several mechanisms, and those that never led any.
+
+Needs only ``metrics.jsonl`` (and ``summary.json`` or ``config.yaml`` for the mechanism names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from .errors import IcmError
+
+
+class OwnershipError(IcmError):
+    """A run directory whose log cannot be read for ownership."""
+
+
+def leaders(row: dict, names: list[str], num_experts: int) -> dict[str, int]:
+    """Mechanism -> the expert with the highest logged score on it in this row's window (mechanisms
+    with no examples in the window are left out; ties go to the lowest expert id, as in training)."""
+    out = {}
+    for m in names:
+        scores = [row.get(f"score/{m}/e{e}") for e in range(num_experts)]
+        if any(s is None for s in scores):
+            continue
+        out[m] = max(range(num_experts), key=lambda e: (scores[e], -e))
+    return out
+
+
+def groups(lead: dict[str, int]) -> dict[int, list[str]]:
+    """Expert -> the mechanisms it leads, in the order of ``lead``."""
+    out: dict[int, list[str]] = {}
+    for m, e in lead.items():
+        out.setdefault(e, []).append(m)
+    return dict(sorted(out.items()))
+
+
+def timeline(rows: list[dict], names: list[str], num_experts: int) -> list[tuple[int, dict[str, int]]]:
+    """(iteration, leaders) for every logged row that holds scores of all mechanisms."""
+    out = []
+    for r in rows:
+        lead = leaders(r, names, num_experts)
+        if len(lead) == len(names):
+            out.append((int(r["iteration"]), lead))
+    return out
+
+
+def verdict(tl: list[tuple[int, dict[str, int]]], num_experts: int) -> dict:
+    """What the timeline says: when the last division settled, who shares, who never led."""
+    if not tl:
+        return {"settled_at": None, "final": {}, "shared": {}, "never_led": list(range(num_experts))}
+    final = tl[-1][1]
+    settled = tl[-1][0]
+    for it, lead in reversed(tl):
+        if lead != final:
+            break
+        settled = it
+    ever = {e for _, lead in tl for e in lead.values()}
+    return {
+        "settled_at": settled,
+        "final": final,
+        "shared": {e: ms for e, ms in groups(final).items() if len(ms) > 1},
+        "never_led": [e for e in range(num_experts) if e not in ever],
+    }
+
+
+def _fmt(lead: dict[str, int]) -> str:
+    return " ".join(f"e{e}:{'+'.join(ms)}" for e, ms in groups(lead).items())
+
+
+def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int]:
+    d = Path(run_dir)
+    m_p = d / "metrics.jsonl"
+    if not m_p.is_file():
+        raise OwnershipError(f"'{d}' has no metrics.jsonl: not a run directory")
+    names, N = None, None
+    if (d / "summary.json").is_file():
+        s = json.loads((d / "summary.json").read_text())
+        names, N = s["mechanisms"], s["num_experts"]
+    elif (d / "config.yaml").is_file():
+        cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
+        names, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
+    if not names or not N:
+        raise OwnershipError(f"'{d}': neither summary.json nor config.yaml names the mechanisms and experts")
+    rows = []
+    for line in m_p.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(row, dict) and "iteration" in row:
+            rows.append(row)
+    return rows, list(names), int(N)
+
+
+def report(run_dir: str | Path, every: int = 100) -> tuple[str, dict]:
+    rows, names, N = read_run(run_dir)
+    tl = timeline(rows, names, N)
+    v = verdict(tl, N)
+    lines = [f"{run_dir}"]
+    last = None
+    for i, (it, lead) in enumerate(tl):
+        # The grid keeps the output short; '*' marks a division unlike the one printed before it.
+        if it % every == 0 or i == len(tl) - 1:
+            mark = "" if lead == last else "  *"
+            lines.append(f"  {it:>6}  {_fmt(lead)}{mark}")
+            last = lead
+    shared = ", ".join(f"e{e} ({'+'.join(ms)})" for e, ms in v["shared"].items()) or "none"
+    never = ", ".join(f"e{e}" for e in v["never_led"]) or "none"
+    lines.append(f"  settled at iteration {v['settled_at']}; shared at the end: {shared}; never led a mechanism: {never}")
+    return "\n".join(lines), v
+
+
+def _run(args) -> int:
+    for d in args.run_dirs:
+        text, _ = report(d, args.every)
+        print(text)
+    return 0
+
+
+def add_parser(sub) -> None:
+    c = sub.add_parser(
+        "ownership", help="which expert leads each mechanism over training (from metrics.jsonl)",
+        description=__doc__.split("\n\n")[1])
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--every", type=int, default=100, help="print the division every this many iterations "
+                                                         "(a '*' marks a change; default: %(default)s)")
+    c.set_defaults(func=_run)

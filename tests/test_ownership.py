@@ -1,0 +1,66 @@
+"""``icm-dist ownership``: the division of labour read back from the logged Figure 4 scores.
+
+Pure logic on hand-made log rows (no process group, no training), and the command on a run dir.
+"""
+
+from __future__ import annotations
+
+import json
+
+from icm_dist import ownership as own
+from icm_dist.cli import main as cli_main
+
+NAMES = ["up", "down", "noise"]
+
+
+def row(it, best: dict, N=3, missing=()):
+    """A log row in which expert best[m] has the highest score on mechanism m."""
+    r = {"iteration": it, "d_loss": 1.0}
+    for m in NAMES:
+        if m in missing:
+            continue
+        for e in range(N):
+            r[f"score/{m}/e{e}"] = 0.9 if e == best[m] else 0.1 + 0.01 * e
+    return r
+
+
+def test_leaders_groups_and_ties():
+    assert own.leaders(row(10, {"up": 0, "down": 2, "noise": 2}), NAMES, 3) == {"up": 0, "down": 2, "noise": 2}
+    assert own.groups({"up": 0, "down": 2, "noise": 2}) == {0: ["up"], 2: ["down", "noise"]}
+    tie = {"iteration": 1, **{f"score/{m}/e{e}": 0.5 for m in NAMES for e in range(3)}}
+    assert own.leaders(tie, NAMES, 3) == {m: 0 for m in NAMES}  # lowest id, as settle_winners
+    # A mechanism without examples in the window has no leader; such rows are not in the timeline.
+    assert "noise" not in own.leaders(row(10, {"up": 0, "down": 1, "noise": 2}, missing=("noise",)), NAMES, 3)
+
+
+def test_verdict_settled_shared_never_led():
+    rows = [
+        {"iteration": 0, "identity/step": 20},  # identity-init rows carry no scores
+        row(10, {"up": 0, "down": 0, "noise": 1}),
+        row(20, {"up": 0, "down": 1, "noise": 1}),
+        row(30, {"up": 0, "down": 1, "noise": 0}),
+        row(40, {"up": 0, "down": 1, "noise": 0}, missing=("down",)),  # skipped, does not break the run
+        row(50, {"up": 0, "down": 1, "noise": 0}),
+    ]
+    tl = own.timeline(rows, NAMES, 3)
+    assert [it for it, _ in tl] == [10, 20, 30, 50]
+    v = own.verdict(tl, 3)
+    assert v["settled_at"] == 30
+    assert v["shared"] == {0: ["up", "noise"]}
+    assert v["never_led"] == [2]
+    assert own.verdict([], 3)["never_led"] == [0, 1, 2]
+
+
+def test_command_on_a_run_dir(tmp_path, capsys):
+    d = tmp_path / "run"
+    d.mkdir()
+    rows = [row(it, {"up": 0, "down": 1, "noise": 2 if it >= 200 else 1}) for it in range(100, 401, 100)]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"iteration\": 4")  # cut short
+    (d / "summary.json").write_text(json.dumps({"mechanisms": NAMES, "num_experts": 3}))
+    assert cli_main(["ownership", str(d), "--every", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "     100  e0:up e1:down+noise  *" in out
+    assert "     200  e0:up e1:down e2:noise  *" in out
+    assert "     300  e0:up e1:down e2:noise\n" in out
+    assert "settled at iteration 200; shared at the end: none; never led a mechanism: none" in out
+    assert cli_main(["ownership", str(tmp_path / "nothing")]) == 2
