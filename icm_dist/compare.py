@@ -136,6 +136,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
             stats[name] = {"mean": m, "std": s, "values": vals}
         seeds = [r["config"].get("seed") for r in g["runs"]]
         mechs = g["runs"][0]["summary"].get("mechanisms") or []
+        # The paper's own measure of a run: did every mechanism end up with an expert of its own?
+        stats["all_captured"] = sum(1 for v in stats["captured"]["values"] if mechs and v == len(mechs))
         out.append({
             "label": label, "differs_in": {k: g["config"].get(k) for k in differing}, "n": len(g["runs"]),
             "seeds": seeds, "num_mechanisms": len(mechs), "iterations": [r["summary"].get("iterations") for r in g["runs"]],
@@ -157,13 +159,15 @@ def _cell(stat: dict, digits: int) -> str:
 
 def format_table(groups: list[dict]) -> str:
     """A plain-text table: one row per group, mean ± sample std over its runs."""
-    head = ["group", "experiment", "runs", "seeds", "restored acc", "transformed acc", "original acc", "captured", "wall s"]
+    head = ["group", "experiment", "runs", "seeds", "restored acc", "transformed acc", "original acc", "captured",
+            "all captured", "wall s"]
     rows = []
     for g in groups:
         st = g["stats"]
         cap = _cell(st["captured"], 2) + (f" / {g['num_mechanisms']}" if g["num_mechanisms"] else "")
         rows.append([g["label"], g["experiment"], str(g["n"]), ",".join(map(str, g["seeds"])), _cell(st["restored"], 3),
-                     _cell(st["transformed"], 3), _cell(st["original"], 3), cap, _cell(st["wall_s"], 0)])
+                     _cell(st["transformed"], 3), _cell(st["original"], 3), cap,
+                     f"{st['all_captured']} of {g['n']}" if g["num_mechanisms"] else "-", _cell(st["wall_s"], 0)])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
