@@ -8,7 +8,8 @@ with the highest score on a mechanism's examples is the one that wins them, so t
 mechanism is the committee's division of labour at that moment. Printed every ``--every``
 iterations: one group per expert, with the mechanisms it leads (``e6:down+noise`` is a shared
 expert), and a verdict per run: the iteration from which the division no longer changed, the
-experts that ended up leading several mechanisms, and those that never led any.
+experts that ended up leading several mechanisms, those that lead none at the end (idle), and
+those that never led any.
 
 Needs only ``metrics.jsonl`` (and ``summary.json`` or ``config.yaml`` for the mechanism names).
 """
@@ -58,9 +59,11 @@ def timeline(rows: list[dict], names: list[str], num_experts: int) -> list[tuple
 
 
 def verdict(tl: list[tuple[int, dict[str, int]]], num_experts: int) -> dict:
-    """What the timeline says: when the last division settled, who shares, who never led."""
+    """What the timeline says: when the last division settled, who shares at the end, who leads
+    nothing at the end (idle), and who never led anything."""
     if not tl:
-        return {"settled_at": None, "final": {}, "shared": {}, "never_led": list(range(num_experts))}
+        return {"settled_at": None, "final": {}, "shared": {}, "idle": list(range(num_experts)),
+                "never_led": list(range(num_experts))}
     final = tl[-1][1]
     settled = tl[-1][0]
     for it, lead in reversed(tl):
@@ -72,6 +75,7 @@ def verdict(tl: list[tuple[int, dict[str, int]]], num_experts: int) -> dict:
         "settled_at": settled,
         "final": final,
         "shared": {e: ms for e, ms in groups(final).items() if len(ms) > 1},
+        "idle": [e for e in range(num_experts) if e not in final.values()],
         "never_led": [e for e in range(num_experts) if e not in ever],
     }
 
@@ -118,8 +122,10 @@ def report(run_dir: str | Path, every: int = 100) -> tuple[str, dict]:
             lines.append(f"  {it:>6}  {_fmt(lead)}{mark}")
             last = lead
     shared = ", ".join(f"e{e} ({'+'.join(ms)})" for e, ms in v["shared"].items()) or "none"
+    idle = ", ".join(f"e{e}" for e in v["idle"]) or "none"
     never = ", ".join(f"e{e}" for e in v["never_led"]) or "none"
-    lines.append(f"  settled at iteration {v['settled_at']}; shared at the end: {shared}; never led a mechanism: {never}")
+    lines.append(f"  settled at iteration {v['settled_at']}; at the end shared: {shared}, idle: {idle}; "
+                 f"never led a mechanism: {never}")
     return "\n".join(lines), v
 
 

@@ -33,21 +33,22 @@ def test_leaders_groups_and_ties():
     assert "noise" not in own.leaders(row(10, {"up": 0, "down": 1, "noise": 2}, missing=("noise",)), NAMES, 3)
 
 
-def test_verdict_settled_shared_never_led():
+def test_verdict_settled_shared_idle_never_led():
     rows = [
         {"iteration": 0, "identity/step": 20},  # identity-init rows carry no scores
-        row(10, {"up": 0, "down": 0, "noise": 1}),
-        row(20, {"up": 0, "down": 1, "noise": 1}),
-        row(30, {"up": 0, "down": 1, "noise": 0}),
-        row(40, {"up": 0, "down": 1, "noise": 0}, missing=("down",)),  # skipped, does not break the run
-        row(50, {"up": 0, "down": 1, "noise": 0}),
+        row(10, {"up": 0, "down": 0, "noise": 2}, N=4),
+        row(20, {"up": 0, "down": 1, "noise": 2}, N=4),
+        row(30, {"up": 0, "down": 1, "noise": 0}, N=4),
+        row(40, {"up": 0, "down": 1, "noise": 0}, N=4, missing=("down",)),  # skipped, does not break the run
+        row(50, {"up": 0, "down": 1, "noise": 0}, N=4),
     ]
-    tl = own.timeline(rows, NAMES, 3)
+    tl = own.timeline(rows, NAMES, 4)
     assert [it for it, _ in tl] == [10, 20, 30, 50]
-    v = own.verdict(tl, 3)
+    v = own.verdict(tl, 4)
     assert v["settled_at"] == 30
     assert v["shared"] == {0: ["up", "noise"]}
-    assert v["never_led"] == [2]
+    assert v["idle"] == [2, 3]  # e2 led noise until iteration 20, nothing at the end
+    assert v["never_led"] == [3]
     assert own.verdict([], 3)["never_led"] == [0, 1, 2]
 
 
@@ -62,5 +63,5 @@ def test_command_on_a_run_dir(tmp_path, capsys):
     assert "     100  e0:up e1:down+noise  *" in out
     assert "     200  e0:up e1:down e2:noise  *" in out
     assert "     300  e0:up e1:down e2:noise\n" in out
-    assert "settled at iteration 200; shared at the end: none; never led a mechanism: none" in out
+    assert "settled at iteration 200; at the end shared: none, idle: none; never led a mechanism: none" in out
     assert cli_main(["ownership", str(tmp_path / "nothing")]) == 2
