@@ -3,9 +3,10 @@
 The paper explains its failed runs by one expert winning several mechanisms early. This reads the
 answer for a finished (or running) run out of ``metrics.jsonl``: every ``tracking.log_every``
 iterations the trainer logs ``score/<mechanism>/e<expert>``, D's mean score of each expert's output
-on the examples of each mechanism over that window (the data of the paper's Figure 4). The expert
-with the highest score on a mechanism's examples is the one that wins them, so the argmax per
-mechanism is the committee's division of labour at that moment. Printed every ``--every``
+on the examples of each mechanism over that window (the data of the paper's Figure 4). Each example
+goes to the expert D scores highest, so the expert with the highest mean score on a mechanism's
+examples is, in effect, the one that wins them: the argmax per mechanism is the committee's
+division of labour at that moment. Printed every ``--every``
 iterations: one group per expert, with the mechanisms it leads (``e6:down+noise`` is a shared
 expert), and a verdict per run: the iteration from which the division no longer changed, the
 experts that ended up leading several mechanisms, those that lead none at the end (idle), and
