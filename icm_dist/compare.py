@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import IcmError
-from .utils import flatten
+from .utils import flatten, read_metrics
 
 # Keys that do not change what is being measured, only which repetition it is (seed), where it is
 # written (run.*, data.root), how it resumed, how it is tracked, and how many CPU threads it used.
@@ -69,16 +69,9 @@ def load_run(run_dir: str | Path) -> dict:
         summary = json.loads(sum_p.read_text())
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise CompareError(f"'{d}': cannot read config.yaml / summary.json ({e})") from None
-    curve = []
     m_p = d / "metrics.jsonl"
-    if m_p.is_file():
-        for line in m_p.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: the rest of the file is still good
-            if isinstance(row, dict) and row.get("eval/accuracy/restored") is not None:
-                curve.append((row["iteration"], row["eval/accuracy/restored"]))
+    curve = [(row["iteration"], row["eval/accuracy/restored"]) for row in (read_metrics(m_p) if m_p.is_file() else [])
+             if row.get("eval/accuracy/restored") is not None]
     return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve}
 
 
@@ -136,10 +129,10 @@ def group_runs(runs: list[dict]) -> list[dict]:
             stats[name] = {"mean": m, "std": s, "values": vals}
         seeds = [r["config"].get("seed") for r in g["runs"]]
         mechs = g["runs"][0]["summary"].get("mechanisms") or []
-        # The paper's own measure of a run: did every mechanism end up with an expert of its own?
-        stats["all_captured"] = sum(1 for v in stats["captured"]["values"] if mechs and v == len(mechs))
         out.append({
             "label": label, "differs_in": {k: g["config"].get(k) for k in differing}, "n": len(g["runs"]),
+            # The paper's own measure of a run: did every mechanism end up with an expert of its own?
+            "all_captured": sum(1 for v in stats["captured"]["values"] if mechs and v == len(mechs)),
             "seeds": seeds, "num_mechanisms": len(mechs), "iterations": [r["summary"].get("iterations") for r in g["runs"]],
             "runs": [r["dir"] for r in g["runs"]], "stats": stats,
             "experiment": experiment_hash(g["runs"][0]["config"]),
@@ -167,7 +160,7 @@ def format_table(groups: list[dict]) -> str:
         cap = _cell(st["captured"], 2) + (f" / {g['num_mechanisms']}" if g["num_mechanisms"] else "")
         rows.append([g["label"], g["experiment"], str(g["n"]), ",".join(map(str, g["seeds"])), _cell(st["restored"], 3),
                      _cell(st["transformed"], 3), _cell(st["original"], 3), cap,
-                     f"{st['all_captured']} of {g['n']}" if g["num_mechanisms"] else "-", _cell(st["wall_s"], 0)])
+                     f"{g['all_captured']} of {g['n']}" if g["num_mechanisms"] else "-", _cell(st["wall_s"], 0)])
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])

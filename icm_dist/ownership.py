@@ -6,9 +6,8 @@ iterations the trainer logs ``score/<mechanism>/e<expert>``, D's mean score of e
 on the examples of each mechanism over that window (the data of the paper's Figure 4). Each example
 goes to the expert D scores highest, so the expert with the highest mean score on a mechanism's
 examples is, in effect, the one that wins them: the argmax per mechanism is the committee's
-division of labour at that moment. Printed every ``--every``
-iterations: one group per expert, with the mechanisms it leads (``e6:down+noise`` is a shared
-expert), and a verdict per run: the iteration from which the division no longer changed, the
+division of labour at that moment. Printed every ``--every`` iterations: one group per expert, with
+the mechanisms it leads (``e6:down+noise`` is a shared expert), and a verdict per run: the iteration from which the division no longer changed, the
 experts that ended up leading several mechanisms, those that lead none at the end (idle), and
 those that never led any.
 
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .errors import IcmError
+from .utils import read_metrics
 
 
 class OwnershipError(IcmError):
@@ -99,14 +99,7 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int]:
         names, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
     if not names or not N:
         raise OwnershipError(f"'{d}': neither summary.json nor config.yaml names the mechanisms and experts")
-    rows = []
-    for line in m_p.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if isinstance(row, dict) and "iteration" in row:
-            rows.append(row)
+    rows = [r for r in read_metrics(m_p) if "iteration" in r]
     return rows, list(names), int(N)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from .config import Config, to_dict
 from .errors import IcmError
-from .utils import flatten
+from .utils import flatten, read_metrics
 
 
 def _jsonable(v: Any):
@@ -130,11 +130,8 @@ class Tracker(NullTracker):
         # metrics.jsonl back to the checkpoint, so what is left there is the history so far.
         self.history: list[dict] = []
         if resume and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self._remember(json.loads(line))
-                except (json.JSONDecodeError, AttributeError):
-                    pass
+            for row in read_metrics(self.path):
+                self._remember(row)
         self.file = open(self.path, "a" if resume else "w")
         self.wandb = None
         self.mode = resolve_wandb_mode(cfg.tracking.wandb.mode)

@@ -343,7 +343,7 @@ def test_compare_groups_by_config_with_mean_and_std(tmp_path, capsys):
     lines = cap.out.splitlines()
     row_a = next(x for x in lines if x.startswith("expert.width=32"))
     assert "0.750 ± 0.129" in row_a and "2.00 ± 0.82 / 3" in row_a and " 4 " in row_a
-    assert ga["stats"]["all_captured"] == 1 and "1 of 4" in row_a  # only a_seed0 captured all 3
+    assert ga["all_captured"] == 1 and "1 of 4" in row_a  # only a_seed0 captured all 3
     row_b = next(x for x in lines if x.startswith("expert.width=64"))
     assert "0.950 ± 0.000" in row_b
     # Curves come from metrics.jsonl, cut-off lines skipped.
