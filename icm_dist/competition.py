@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .config import Config
 from .models import Expert, ExpertBank
-from .parallel import Dist, ShardPlan, real_slice, settle_winners, settle_winners_capped
+from .parallel import Dist, ShardPlan, divide_wins, real_slice, settle_winners, settle_winners_capped
 from .rng import sample_indices
 
 
@@ -185,11 +185,13 @@ class StepResult:
 
 
 def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor,
-                     x_real_B1HW: torch.Tensor, plan: ShardPlan, d: Dist, capacity: int | None = None) -> StepResult:
+                     x_real_B1HW: torch.Tensor, plan: ShardPlan, d: Dist, capacity: int | None = None,
+                     divisions: tuple | list = ()) -> StepResult:
     """One iteration of Algorithm 1 on this rank (the fast path). ``disc`` may be wrapped in DDP.
 
     ``capacity``: if set, no expert wins more than this many examples of the batch (see
-    :func:`settle_winners_capped`); None is the paper's plain argmax.
+    :func:`settle_winners_capped`); None is the paper's plain argmax. ``divisions``: ``(donor, copy)``
+    pairs of global ids that divide the donor's wins after a split (:func:`divide_wins`).
     """
     cfg = experts.cfg
     B, _, H, W = x_fake_B1HW.shape
@@ -221,6 +223,8 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
     real_logits, fake_logits_BE = logits[:R], logits[R:].view(B, E)
     scores_BN = d.gather_scores(fake_logits_BE.detach(), plan)
     winners_B = settle_winners(scores_BN) if capacity is None else settle_winners_capped(scores_BN, capacity)
+    for donor, copy in divisions:
+        winners_B = divide_wins(winners_B, scores_BN, donor, copy)
 
     # Equation (3), this rank's share: its slice of the real batch and its experts' fakes. DDP averages
     # gradients over ranks, so the share is scaled by W to make the average the single-process gradient.
@@ -263,6 +267,28 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
     experts.opt.step(won_any_E)
     experts.restore_buffers(saved, ~won_any_E)
     return StepResult(winners_B, scores_BN, d_loss_local.detach(), expert_loss_E, won_E)
+
+
+@torch.no_grad()
+def copy_expert(experts: LocalExperts, plan: ShardPlan, d: Dist, src: int, dst: int) -> None:
+    """Make global expert ``dst`` a copy of global expert ``src``: weights, BatchNorm buffers, Adam moments
+    and step count. Every rank must call it with the same ids (a collective when the owners differ)."""
+    src_rank, dst_rank = plan.owner(src), plan.owner(dst)
+    payload = None
+    if d.rank == src_rank:
+        j = src - plan.starts[src_rank]
+        # On the CPU so that the pickled broadcast never carries device tensors (NCCL or not, the
+        # receiving rank puts them on its own device when it loads them).
+        payload = ({k: v.cpu() for k, v in experts.bank.expert_state(j).items()},
+                   {k: v.cpu() for k, v in experts.opt.expert_state(j).items()})
+    if src_rank != dst_rank:
+        # A broadcast from the owner over the whole group, not a send to one rank: every rank takes part
+        # in the same collectives in the same order, which keeps the group's sequence numbers aligned.
+        payload = d.broadcast_object(payload, src=src_rank)
+    if d.rank == dst_rank:
+        j = dst - plan.starts[dst_rank]
+        experts.bank.load_expert_state(j, payload[0])
+        experts.opt.load_expert_state(j, payload[1])
 
 
 def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, device: torch.device,

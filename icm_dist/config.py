@@ -120,6 +120,23 @@ class TrainConfig:
     with room. Keeps one expert from taking several mechanisms early (the paper's failure mode). None: off."""
     capacity_iterations: int = 500
     """Iterations during which ``capacity_factor`` applies (afterwards winners are the plain argmax)."""
+    split_every: int = 0
+    """Beyond the paper (0: off): every this many iterations, an expert that won less than
+    ``split_idle_share / expert.num`` of the examples since the last check becomes a copy of the expert
+    that won the most (weights, BatchNorm buffers, Adam state), if that one won at least
+    ``split_donor_share / expert.num``; for ``split_steps`` iterations the two then divide the donor's
+    wins, the copy taking the half the donor scores lowest. Aimed at the paper's failure: one expert on
+    two mechanisms while another, winning nothing, gets no gradient and never comes back. Meant for as
+    many experts as mechanisms: with more, idle experts are expected and would split a mechanism."""
+    split_iterations: int = 600
+    """Splits happen only at checks up to this iteration, leaving the rest of training to settle."""
+    split_steps: int = 20
+    """Iterations during which a new copy and its donor divide the donor's wins (at most ``split_every``)."""
+    split_idle_share: float = 0.25
+    """An expert is idle when it won less than this fraction of its fair share (1/expert.num) since the last check."""
+    split_donor_share: float = 1.5
+    """Only an expert that won at least this many fair shares since the last check is split (it likely holds
+    two mechanisms); the busiest goes to the idlest."""
     stop_when_stable: Optional[int] = None
     """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
 
@@ -393,6 +410,11 @@ def validate(cfg: Config) -> None:
     need(cfg.train.capacity_factor is None or cfg.train.capacity_factor >= 1, "train.capacity_factor",
          cfg.train.capacity_factor, "must be >= 1 (every example needs a place) or null")
     need(cfg.train.capacity_iterations >= 0, "train.capacity_iterations", cfg.train.capacity_iterations, "must be >= 0")
+    need(cfg.train.split_every >= 0, "train.split_every", cfg.train.split_every, "must be >= 0 (0: off)")
+    need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps", cfg.train.split_steps,
+         f"must be in 1..train.split_every ({cfg.train.split_every}) so that divisions never overlap")
+    need(0 <= cfg.train.split_idle_share < cfg.train.split_donor_share, "train.split_idle_share",
+         cfg.train.split_idle_share, f"must be >= 0 and below train.split_donor_share ({cfg.train.split_donor_share})")
     need(cfg.train.stop_when_stable is None or cfg.train.stop_when_stable >= 1, "train.stop_when_stable",
          cfg.train.stop_when_stable, "must be >= 1 or null")
     need(cfg.train.stop_when_stable is None or cfg.eval.every >= 1, "train.stop_when_stable",

@@ -120,6 +120,44 @@ def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tenso
     return torch.tensor(winners, device=scores_BN.device)
 
 
+def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float) -> list[tuple[int, int]]:
+    """Which experts to split into which, from the examples each won since the last check.
+
+    Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
+    with the busiest (won at least ``donor_share`` fair shares), the next idlest with the next busiest,
+    each expert in at most one pair. Ties go to the lower expert id. Every rank computes the same pairs
+    from the same (all-gathered) winners.
+    """
+    wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
+    N, total = len(wins), sum(wins)
+    if total <= 0:
+        return []
+    fair = total / N
+    idle = sorted((e for e in range(N) if wins[e] < idle_share * fair), key=lambda e: (wins[e], e))
+    donors = sorted((e for e in range(N) if wins[e] >= donor_share * fair), key=lambda e: (-wins[e], e))
+    return list(zip(donors, idle))
+
+
+def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:
+    """A donor and its fresh copy divide the examples either of them won: the copy takes the
+    ``floor(k / 2)`` the donor scores lowest (ties: lower example index), the donor keeps the rest.
+
+    The pool is "won by either" because a copy starts equal to its donor, so argmax ties hand every
+    such example to whichever of the two has the lower id. Taking the donor's weakest half sends the
+    copy towards what the donor does worst: when the donor holds two mechanisms, mostly one of them.
+    """
+    pool = torch.nonzero((winners_B == donor) | (winners_B == copy)).squeeze(1)
+    out = winners_B.clone()
+    if pool.numel() == 0:
+        return out
+    s = scores_BN[pool, donor].detach().float().cpu()
+    order = torch.sort(s, stable=True).indices.to(pool.device)
+    k = pool.numel() // 2
+    out[pool] = donor
+    out[pool[order[:k]]] = copy
+    return out
+
+
 # ----------------------------------------------------------------------------- process groups
 
 

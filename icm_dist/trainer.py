@@ -17,14 +17,14 @@ import torch
 
 from . import checkpoint as ckpt_lib
 from . import figures
-from .competition import LocalExperts, competition_step, identity_init
+from .competition import LocalExperts, competition_step, copy_expert, identity_init
 from .config import Config, config_hash, dump_yaml
 from .data.protocol import build_protocol
 from .data.mnist import load_mnist
 from .errors import CheckpointError, TrainingError
 from .evaluate import evaluate, train_classifier
 from .models import make_discriminator
-from .parallel import Dist, ShardPlan, init_distributed
+from .parallel import Dist, ShardPlan, init_distributed, plan_splits
 from .rng import sample_indices
 from .tracking import make_tracker
 
@@ -135,6 +135,9 @@ def _train(cfg: Config, d: Dist) -> dict | None:
 
             progress = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True)
         win_counts = torch.zeros(N)
+        # Splits (train.split_every): the wins since the last check, the divisions under way and a log of
+        # every split. Kept in the trainer state so that a resumed run splits exactly as an unbroken one.
+        split = state.setdefault("split", {"wins": [0] * N, "active": [], "log": []})
         score_sum = torch.zeros(M, N)
         score_cnt = torch.zeros(M, 1)
         t_window, steps_window = time.time(), 0
@@ -147,8 +150,9 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             capacity = None
             if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
                 capacity = math.ceil(cfg.train.capacity_factor * B / N)
+            divisions = [(donor, copy) for donor, copy, until in split["active"] if t < until]
             res = competition_step(experts, disc, d_opt, fake_x[idx_fake.to(d.device)], real_x[idx_real.to(d.device)],
-                                   plan, d, capacity=capacity)
+                                   plan, d, capacity=capacity, divisions=divisions)
             # The score matrix is identical on every rank, so every rank stops at the same step.
             if not bool(torch.isfinite(res.scores_BN).all()):
                 raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
@@ -156,10 +160,13 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                                     "learning rate or train.precision=fp32")
             steps_window += 1
             mech_B = fake_mech[idx_fake]
-            win_counts += torch.bincount(res.winners_B.cpu(), minlength=N).float()
+            wins_N = torch.bincount(res.winners_B.cpu(), minlength=N)
+            win_counts += wins_N.float()
+            it = t + 1
+            if cfg.train.split_every:
+                _split_experts(cfg, split, wins_N, it, experts, plan, d, log)
             score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
             score_cnt.index_add_(0, mech_B, torch.ones(B, 1))
-            it = t + 1
 
             if it % cfg.tracking.log_every == 0 or it == T:
                 d_loss = d.all_reduce_sum(res.d_loss_local.clone().float()).item()
@@ -172,6 +179,8 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                     **{f"expert_loss/e{e}": (None if math.isnan(v) else v) for e, v in enumerate(e_losses)},
                     **{f"win_share/e{e}": float(v) for e, v in enumerate(win_counts / win_counts.sum())},
                 }
+                if cfg.train.split_every:
+                    metrics["splits"] = len(split["log"])
                 avg = score_sum / score_cnt.clamp(min=1)
                 for m, name in enumerate(names):
                     if score_cnt[m] > 0:
@@ -247,6 +256,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             "inactive_experts": ev["inactive_experts"],
             "stopped_early": stopped_early,
             "identity_init": state.get("identity"),
+            "splits": state["split"]["log"],
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         paths = _write_figures(ev, proto, names, N, rows, out)
@@ -261,6 +271,26 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         return summary
     finally:
         tracker.finish()
+
+
+def _split_experts(cfg: Config, split: dict, wins_N: torch.Tensor, it: int, experts, plan: ShardPlan, d: Dist,
+                   log) -> None:
+    """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one."""
+    split["wins"] = [a + int(b) for a, b in zip(split["wins"], wins_N)]
+    split["active"] = [a for a in split["active"] if a[2] > it]
+    if it % cfg.train.split_every or it > cfg.train.split_iterations:
+        return
+    # Winners are identical on every rank, so every rank plans the same splits and joins the same
+    # copies in the same order.
+    wins, total = split["wins"], max(sum(split["wins"]), 1)
+    for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share):
+        copy_expert(experts, plan, d, donor, idle)
+        split["active"].append([donor, idle, it + cfg.train.split_steps])
+        split["log"].append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,
+                             "copy_share": wins[idle] / total})
+        log(f"split at iteration {it}: expert {idle} (won {wins[idle] / total:.1%} since the last check) is now "
+            f"a copy of expert {donor} (won {wins[donor] / total:.1%})")
+    split["wins"] = [0] * len(wins)
 
 
 def _eval_metrics(ev: dict) -> dict:

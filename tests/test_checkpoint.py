@@ -102,6 +102,18 @@ def test_resume_is_bitwise(run_a, tmp_path, data_root):
     assert [r["iteration"] for r in manifest["metrics"] if "d_loss" in r] == [2, 4, 6, 8]
 
 
+def test_resume_with_splits_is_bitwise(tmp_path, data_root):
+    """train.split_every keeps state between checks (wins so far, divisions under way): resumed at
+    iteration 4, between the checks at 3 and 6 and inside the division that began at 3, iteration 8
+    is equal to the bit and the splits are the same."""
+    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
+    a = _train(tmp_path / "a", data_root, *split)
+    assert a["splits"] and a["splits"][0]["iteration"] == 3, a["splits"]
+    b = _train(tmp_path / "b", data_root, *split, f"resume={tmp_path / 'a/checkpoints/iter_0000004'}")
+    assert b["splits"] == a["splits"]
+    assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
+
+
 def test_checkpoint_layout_and_manifest(run_a):
     root = run_a / "checkpoints"
     assert (root / "latest").read_text().strip() == "iter_0000008"

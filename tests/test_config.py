@@ -82,3 +82,13 @@ def test_hash_changes_with_any_field():
     assert config_hash(a) == config_hash(b)
     apply_override(b, "seed=1")
     assert config_hash(a) != config_hash(b)
+
+
+def test_split_keys_are_checked():
+    with pytest.raises(ConfigError, match="'train.split_steps' = 20: must be in 1..train.split_every"):
+        load_config(None, ["train.split_every=10", "train.split_steps=20"])
+    with pytest.raises(ConfigError, match="'train.split_idle_share' = 2.0: must be >= 0 and below"):
+        load_config(None, ["train.split_every=50", "train.split_idle_share=2"])
+    with pytest.raises(ConfigError, match="'train.split_every' = -1"):
+        load_config(None, ["train.split_every=-1"])
+    assert load_config(None, ["train.split_steps=500"]).train.split_every == 0  # off: the rest is not checked

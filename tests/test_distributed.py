@@ -21,10 +21,10 @@ OVERRIDES = ["expert.num=5", "expert.width=8", "expert.depth=3", "discriminator.
              "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16", "train.precision=fp32"]
 
 
-def _worker(rank, world, init_file, out_dir, data_root, mode):
+def _worker(rank, world, init_file, out_dir, data_root, mode, split=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from icm_dist.competition import LocalExperts, competition_step, identity_init
+    from icm_dist.competition import LocalExperts, competition_step, copy_expert, identity_init
     from icm_dist.config import load_config
     from icm_dist.data.protocol import build_protocol
     from icm_dist.models import make_discriminator
@@ -44,8 +44,21 @@ def _worker(rank, world, init_file, out_dir, data_root, mode):
     for t in range(STEPS):
         f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], 16, cfg.seed, "fake-batch", t)]
         r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], 16, cfg.seed, "real-batch", t)]
-        res = competition_step(experts, ddp, opt, f, r, plan, d)
+        # split: after step 2 the busiest expert of that step (the donor) is copied into expert 4 (or 0), on
+        # another rank for W = 3; the two divide the donor's wins for steps 3 and 4.
+        divisions = [(donor, copy)] if split and t in (3, 4) else []
+        res = competition_step(experts, ddp, opt, f, r, plan, d, divisions=divisions)
         winners.append(res.winners_B)
+        if split and t == 2:
+            donor = int(torch.bincount(res.winners_B, minlength=5).argmax())
+            copy = 4 if donor != 4 else 0
+            copy_expert(experts, plan, d, donor, copy)
+            if world == 1:  # all in one bank: the copy must equal its source to the bit
+                for a, b in ((experts.bank.expert_state(donor), experts.bank.expert_state(copy)),
+                             (experts.opt.expert_state(donor), experts.opt.expert_state(copy))):
+                    assert all(torch.equal(a[k], b[k]) for k in a), "copy differs from its source"
+    if split:
+        winners.append(torch.tensor([donor, copy] + [-1] * 14))  # which pair was split, for the test
     for j, gid in enumerate(experts.ids):
         st = {k: v for k, v in experts.bank.expert_state(j).items() if not k.endswith("num_batches_tracked")}
         save_file({k: v.contiguous() for k, v in st.items()}, os.path.join(out_dir, f"expert_{gid}.safetensors"))
@@ -56,10 +69,10 @@ def _worker(rank, world, init_file, out_dir, data_root, mode):
     dist.destroy_process_group()
 
 
-def run_world(world, data_root, mode):
+def run_world(world, data_root, mode, split=False):
     out = tempfile.mkdtemp(prefix=f"icm_w{world}_")
     init = os.path.join(out, "pg_init")
-    mp.start_processes(_worker, args=(world, init, out, data_root, mode), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, init, out, data_root, mode, split), nprocs=world, start_method="spawn")
     experts = {g: load_file(os.path.join(out, f"expert_{g}.safetensors")) for g in range(5)}
     return experts, load_file(os.path.join(out, "rank0.safetensors"))
 
@@ -79,3 +92,19 @@ def test_world_size_invariance(data_root, mnist, mode, worlds):
         for k, v in rank0.items():
             if k.startswith("D."):
                 assert_adam_close(v, base[k], steps=STEPS, name=f"W={world} {k}")
+
+
+def test_split_copies_across_ranks(data_root, mnist):
+    """train.split_every's copy and division: one process and three (expert 0 on rank 0, expert 4 on
+    rank 2) agree on every winner and every parameter, and the division hands the copy half the pool."""
+    base_experts, base = run_world(1, data_root, "dense", split=True)
+    w = base["winners"]
+    donor, copy = w[STEPS, :2].tolist()
+    for t in (3, 4):
+        pool = int(((w[t] == donor) | (w[t] == copy)).sum())
+        assert int((w[t] == copy).sum()) == pool // 2 and pool >= 2, f"step {t}: {w[t].tolist()}"
+    experts, rank0 = run_world(3, data_root, "dense", split=True)
+    assert torch.equal(rank0["winners"], w), "W=3: winners differ"
+    for g in range(5):
+        for k, v in experts[g].items():
+            assert_adam_close(v, base_experts[g][k], steps=STEPS, name=f"W=3 expert {g} {k}")

@@ -60,3 +60,42 @@ def test_capped_winners_respect_capacity_and_prefer_the_argmax():
     assert torch.bincount(w, minlength=10).max() <= 4
     with pytest.raises(ValueError):
         settle_winners_capped(r, 3)
+
+
+def test_plan_splits_pairs_the_idlest_with_the_busiest():
+    from icm_dist.parallel import plan_splits
+
+    # 100 wins over 10 experts, fair share 10: idle below 2.5 (e1, e9 with 0, then e4 with 1), donors
+    # at 15 or more (e0 with 30, then e3 with 20). Two pairs; e4 stays idle for want of a donor.
+    wins = [30, 0, 12, 20, 1, 10, 10, 9, 8, 0]
+    assert plan_splits(wins, 0.25, 1.5) == [(0, 1), (3, 9)]
+    assert plan_splits([10] * 10, 0.25, 1.5) == []  # a fair division: nothing to split
+    assert plan_splits([0] * 4, 0.25, 1.5) == []  # no wins counted yet
+    assert plan_splits(torch.tensor([5, 0, 5]), 0.25, 1.2) == [(0, 1)]  # equal donors: the lower id
+
+
+def _divide_reference(winners: list[int], scores: list[list[float]], donor: int, copy: int) -> list[int]:
+    pool = sorted((i for i, w in enumerate(winners) if w in (donor, copy)), key=lambda i: (scores[i][donor], i))
+    out = list(winners)
+    for rank, i in enumerate(pool):
+        out[i] = copy if rank < len(pool) // 2 else donor
+    return out
+
+
+def test_divide_wins_gives_the_copy_the_donors_weakest_half():
+    from icm_dist.parallel import divide_wins
+
+    s = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.0], [0.5, 0.0, 0.9], [0.7, 0.2, 0.1], [0.3, 0.9, 0.0]])
+    w = settle_winners(s)  # [0, 0, 2, 0, 1]: donor 0 won rows 0, 1, 3 (scores 0.9, 0.2, 0.7)
+    assert divide_wins(w, s, donor=0, copy=1).tolist() == [0, 1, 2, 0, 1]  # pool rows 0,1,3,4; lowest two: 1, 4
+    assert divide_wins(w, s, donor=2, copy=1).tolist() == [0, 0, 2, 0, 1]  # pool rows 2, 4; expert 2 scores row 4 lower
+    empty = torch.tensor([1, 1, 1])
+    assert divide_wins(empty, torch.zeros(3, 3), donor=0, copy=2).tolist() == [1, 1, 1]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        # Integer scores make ties common, which is where the ordering rule matters.
+        scores = torch.randint(0, 4, (32, 6), generator=g).float()
+        winners = settle_winners(scores)
+        donor, copy = torch.randperm(6, generator=g)[:2].tolist()
+        got = divide_wins(winners, scores, donor, copy).tolist()
+        assert got == _divide_reference(winners.tolist(), scores.tolist(), donor, copy)
