@@ -27,6 +27,7 @@ from .models import make_discriminator
 from .parallel import Dist, ShardPlan, init_distributed, plan_splits
 from .rng import sample_indices
 from .tracking import make_tracker
+from .utils import read_metrics
 
 
 def _resolve_resume(cfg: Config, d: Dist, log) -> Path | None:
@@ -50,8 +51,8 @@ def _truncate_metrics(path: Path, iteration: int, saved: list | None = None) -> 
         rows = [r for r in (saved if isinstance(saved, list) else []) if isinstance(r, dict)]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return rows
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("iteration", 0) <= iteration]
+    # read_metrics skips a last line cut short by the crash being resumed from.
+    rows = [r for r in read_metrics(path) if r.get("iteration", 0) <= iteration]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 

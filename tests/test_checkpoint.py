@@ -89,6 +89,8 @@ def test_resume_is_bitwise(run_a, tmp_path, data_root):
     c = _copy_run(run_a, tmp_path / "c")
     shutil.rmtree(c / "checkpoints/iter_0000008")
     (c / "checkpoints/latest").write_text("iter_0000004\n")
+    with open(c / "metrics.jsonl", "a") as f:  # a crash can cut the last line short: resume must not trip on it
+        f.write('{"iteration": 9, "d_lo')
     _train(c, data_root, "resume=auto")
     assert _same_tensors(run_a / "checkpoints/iter_0000008", c / "checkpoints/iter_0000008") == []
 

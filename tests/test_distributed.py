@@ -40,7 +40,7 @@ def _worker(rank, world, init_file, out_dir, data_root, mode, split=False):
     D = make_discriminator(cfg)
     opt = torch.optim.Adam(D.parameters(), lr=1e-3)
     ddp = d.wrap_discriminator(D)
-    winners = []
+    winners, donor, copy = [], None, None
     for t in range(STEPS):
         f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], 16, cfg.seed, "fake-batch", t)]
         r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], 16, cfg.seed, "real-batch", t)]
