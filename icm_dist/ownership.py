@@ -120,6 +120,10 @@ def report(run_dir: str | Path, every: int = 100) -> tuple[str, dict]:
     never = ", ".join(f"e{e}" for e in v["never_led"]) or "none"
     lines.append(f"  settled at iteration {v['settled_at']}; at the end shared: {shared}, idle: {idle}; "
                  f"never led a mechanism: {never}")
+    s_p = Path(run_dir) / "summary.json"
+    splits = json.loads(s_p.read_text()).get("splits") if s_p.is_file() else None
+    if splits:  # train.split_every: an idle expert became a copy of a busy one (the division above follows it)
+        lines.append("  splits: " + ", ".join(f"e{s['copy']} <- e{s['donor']} at {s['iteration']}" for s in splits))
     return "\n".join(lines), v
 
 

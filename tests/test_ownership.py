@@ -57,11 +57,13 @@ def test_command_on_a_run_dir(tmp_path, capsys):
     d.mkdir()
     rows = [row(it, {"up": 0, "down": 1, "noise": 2 if it >= 200 else 1}) for it in range(100, 401, 100)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"iteration\": 4")  # cut short
-    (d / "summary.json").write_text(json.dumps({"mechanisms": NAMES, "num_experts": 3}))
+    (d / "summary.json").write_text(json.dumps({"mechanisms": NAMES, "num_experts": 3, "splits": [
+        {"iteration": 150, "donor": 1, "copy": 2, "donor_share": 0.6, "copy_share": 0.0}]}))
     assert cli_main(["ownership", str(d), "--every", "100"]) == 0
     out = capsys.readouterr().out
     assert "     100  e0:up e1:down+noise  *" in out
     assert "     200  e0:up e1:down e2:noise  *" in out
     assert "     300  e0:up e1:down e2:noise\n" in out
     assert "settled at iteration 200; at the end shared: none, idle: none; never led a mechanism: none" in out
+    assert "  splits: e2 <- e1 at 150" in out
     assert cli_main(["ownership", str(tmp_path / "nothing")]) == 2
