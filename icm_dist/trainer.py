@@ -139,6 +139,12 @@ def _train(cfg: Config, d: Dist) -> dict | None:
         # Splits (train.split_every): the wins since the last check, the divisions under way and a log of
         # every split. Kept in the trainer state so that a resumed run splits exactly as an unbroken one.
         split = state.setdefault("split", {"wins": [0] * N, "active": [], "log": []})
+        # The premise of a split (an idle expert means another holds two mechanisms) needs N <= M: with
+        # more experts than mechanisms idle experts are expected, and a split would only halve a mechanism.
+        splitting = cfg.train.split_every > 0 and N <= M
+        if cfg.train.split_every and not splitting:
+            log(f"splits off: {N} experts for {M} mechanisms (with more experts than mechanisms, idle experts "
+                "are expected)")
         score_sum = torch.zeros(M, N)
         score_cnt = torch.zeros(M, 1)
         t_window, steps_window = time.time(), 0
@@ -164,7 +170,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             wins_N = torch.bincount(res.winners_B.cpu(), minlength=N)
             win_counts += wins_N.float()
             it = t + 1
-            if cfg.train.split_every:
+            if splitting:
                 _split_experts(cfg, split, wins_N, it, experts, plan, d, log)
             score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
             score_cnt.index_add_(0, mech_B, torch.ones(B, 1))
@@ -180,7 +186,7 @@ def _train(cfg: Config, d: Dist) -> dict | None:
                     **{f"expert_loss/e{e}": (None if math.isnan(v) else v) for e, v in enumerate(e_losses)},
                     **{f"win_share/e{e}": float(v) for e, v in enumerate(win_counts / win_counts.sum())},
                 }
-                if cfg.train.split_every:
+                if splitting:
                     metrics["splits"] = len(split["log"])
                 avg = score_sum / score_cnt.clamp(min=1)
                 for m, name in enumerate(names):

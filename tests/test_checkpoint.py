@@ -116,6 +116,14 @@ def test_resume_with_splits_is_bitwise(tmp_path, data_root):
     assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
 
 
+def test_no_splits_with_more_experts_than_mechanisms(tmp_path, data_root, capsys):
+    """4 experts for tiny's 3 mechanisms: an idle expert is expected, so the same settings split nothing."""
+    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
+    summary = _train(tmp_path / "a", data_root, *split, "expert.num=4")
+    assert summary["splits"] == []
+    assert "splits off: 4 experts for 3 mechanisms" in capsys.readouterr().out
+
+
 def test_checkpoint_layout_and_manifest(run_a):
     root = run_a / "checkpoints"
     assert (root / "latest").read_text().strip() == "iter_0000008"

@@ -13,6 +13,17 @@ def test_defaults_are_the_paper():
     assert cfg.expert.num == 10 and cfg.train.batch_size == 32 and cfg.train.iterations == 2000
     assert len(cfg.data.mechanisms) == 10
     assert cfg.identity_init.max_steps == 500 and cfg.identity_init.mse == 0.002
+    assert cfg.train.split_every == 50  # beyond the paper, on by default because it measured better
+
+
+def test_paper_suite_runs_the_papers_algorithm():
+    """Every experiment of configs/paper/ but split.yaml turns splits off: the suite measures the paper."""
+    folder = Path(__file__).resolve().parents[1] / "configs" / "paper"
+    for p in sorted(folder.glob("*.yaml")):
+        if p.name == "suite.yaml":
+            continue
+        cfg = load_config(p)
+        assert (cfg.train.split_every > 0) == (p.name == "split.yaml"), p.name
 
 
 def test_shipped_configs_load():
@@ -91,4 +102,4 @@ def test_split_keys_are_checked():
         load_config(None, ["train.split_every=50", "train.split_idle_share=2"])
     with pytest.raises(ConfigError, match="'train.split_every' = -1"):
         load_config(None, ["train.split_every=-1"])
-    assert load_config(None, ["train.split_steps=500"]).train.split_every == 0  # off: the rest is not checked
+    assert load_config(None, ["train.split_every=0", "train.split_steps=500"]).train.split_steps == 500  # off: not checked
