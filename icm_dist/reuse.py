@@ -400,6 +400,9 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
 
     state = dict(src.manifest.get("trainer_state") or {})
     state.update({"stable_evals": 0, "last_probe_winners": None})
+    # Splits (train.split_every) count wins and name divisions by expert id: ids change here, so the
+    # trained-on run starts that bookkeeping afresh (the source's splits stay in its own summary).
+    state.pop("split", None)
     record = {"source": str(src.ckpt.resolve()), "source_iteration": it0, "removed": sorted(drop),
               "kept": {str(j): g for j, g in enumerate(kept)}, "added": list(range(len(kept), new_n)),
               "fresh_seed": (cfg.seed + 1 if seed is None else seed) if add else None,

@@ -448,6 +448,7 @@ def test_surgery_remove_add_and_train_on(run_a, tmp_path, data_root, monkeypatch
     m = ck.verify_checkpoint(new)
     assert m["iteration"] == 8 and m["num_experts"] == 4
     assert m["surgery"]["removed"] == [1] and m["surgery"]["kept"] == {"0": 0, "1": 2} and m["surgery"]["added"] == [2, 3]
+    assert "split" in src.manifest["trainer_state"] and "split" not in m["trainer_state"]  # ids changed: start afresh
     for new_id, old_id in ((0, 0), (1, 2)):  # kept experts keep weights, buffers and Adam state, renumbered
         a = load_file(str(new / f"expert_{new_id:03d}.safetensors"))
         b = load_file(str(src.ckpt / f"expert_{old_id:03d}.safetensors"))
