@@ -157,7 +157,8 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             capacity = None
             if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
                 capacity = math.ceil(cfg.train.capacity_factor * B / N)
-            divisions = [(donor, copy) for donor, copy, until in split["active"] if t < until]
+            # _split_experts drops a division once its last step is done, so what is left is under way.
+            divisions = [(donor, copy) for donor, copy, _ in split["active"]]
             res = competition_step(experts, disc, d_opt, fake_x[idx_fake.to(d.device)], real_x[idx_real.to(d.device)],
                                    plan, d, capacity=capacity, divisions=divisions)
             # The score matrix is identical on every rank, so every rank stops at the same step.
