@@ -223,6 +223,8 @@ def competition_step(experts: LocalExperts, disc, d_opt: torch.optim.Optimizer, 
     real_logits, fake_logits_BE = logits[:R], logits[R:].view(B, E)
     scores_BN = d.gather_scores(fake_logits_BE.detach(), plan)
     winners_B = settle_winners(scores_BN) if capacity is None else settle_winners_capped(scores_BN, capacity)
+    # Divisions after the cap: donor and copy each held at most `capacity`, and a division only
+    # halves what the two held, so the cap still holds (tests/test_parallel.py checks it).
     for donor, copy in divisions:
         winners_B = divide_wins(winners_B, scores_BN, donor, copy)
 

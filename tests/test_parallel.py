@@ -99,3 +99,22 @@ def test_divide_wins_gives_the_copy_the_donors_weakest_half():
         donor, copy = torch.randperm(6, generator=g)[:2].tolist()
         got = divide_wins(winners, scores, donor, copy).tolist()
         assert got == _divide_reference(winners.tolist(), scores.tolist(), donor, copy)
+
+
+def test_a_division_keeps_a_capped_pair_within_capacity():
+    # With train.capacity_factor and splits together, a division runs after the capped settlement.
+    # Donor and copy each held at most `cap`, so the pool is at most 2*cap and its halves (floor and
+    # ceil of k/2) fit the cap again: a division never breaks the cap.
+    from icm_dist.parallel import divide_wins, plan_splits, settle_winners_capped
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        B, N = 32, 10
+        cap = int(torch.randint(4, 9, (1,), generator=g))
+        scores = torch.randint(0, 3, (B, N), generator=g).float()
+        scores[:, 0] += 3  # one expert wants everything: the cap binds
+        winners = settle_winners_capped(scores, cap)
+        pairs = plan_splits(torch.bincount(winners, minlength=N), 0.25, 1.5)
+        for donor, copy in pairs or [(0, 9)]:
+            winners = divide_wins(winners, scores, donor, copy)
+        assert torch.bincount(winners, minlength=N).max() <= cap
