@@ -1,7 +1,7 @@
 """``icm-dist compare RUN_DIR...``: final metrics of finished runs, grouped by config, side by side.
 
-Needs nothing but the run directories (``config.yaml``, ``summary.json``, ``metrics.jsonl``): no
-wandb, no checkpoints, no data set. Runs whose configs are equal apart from the keys in
+Needs nothing but the run directories (``config.yaml``, ``summary.json``, ``metrics.jsonl``, and
+``generalization.json`` where ``icm-dist generalize`` wrote one): no wandb, no checkpoints, no data set. Runs whose configs are equal apart from the keys in
 :data:`IGNORED_KEYS` (the seed, where the run was written, how it was tracked) form one group; a
 group's label is the keys in which it differs from the other groups. For each group the table
 gives the mean and the sample standard deviation over its runs (normally: over seeds), and a PNG
@@ -72,7 +72,14 @@ def load_run(run_dir: str | Path) -> dict:
     m_p = d / "metrics.jsonl"
     curve = [(row["iteration"], row["eval/accuracy/restored"]) for row in (read_metrics(m_p) if m_p.is_file() else [])
              if row.get("eval/accuracy/restored") is not None]
-    return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve}
+    gen = None
+    g_p = d / "generalization.json"
+    if g_p.is_file():
+        try:
+            gen = json.loads(g_p.read_text())
+        except json.JSONDecodeError as e:
+            raise CompareError(f"'{g_p}': cannot read it ({e}); rerun icm-dist generalize") from None
+    return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve, "generalization": gen}
 
 
 # ----------------------------------------------------------------------------- grouping and statistics
@@ -83,6 +90,25 @@ METRICS = (
     ("original", lambda s: s["accuracy"]["original"]),
     ("captured", lambda s: s["mechanisms_captured"]),
     ("wall_s", lambda s: s.get("wall_seconds")),
+)
+
+
+def _captors(g: dict) -> list[dict]:
+    return [r for r in g["generalization"]["per_mechanism"].values() if r.get("captured_by") is not None]
+
+
+def _mean(xs: list) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+# From generalization.json (``icm-dist generalize``, the paper's Figures 7 and 8), per run: how much of
+# the error of doing nothing the capturing experts remove on unseen symbols (mean over captured
+# mechanisms), the share of captured mechanisms whose captor is also the best expert on the symbols,
+# and the MSE left after undoing the chained mechanisms. None for a run without the file.
+GEN_METRICS = (
+    ("sym_error_cut", lambda g: _mean([r["captured_error_reduction"] for r in _captors(g)])),
+    ("sym_captor_best", lambda g: _mean([float(r["captured_is_best"]) for r in _captors(g)])),
+    ("chain_mse", lambda g: g["composition"].get("final_mse")),
 )
 
 
@@ -118,15 +144,16 @@ def group_runs(runs: list[dict]) -> list[dict]:
     for g in gl:
         label = ", ".join(f"{k}={_fmt_value(g['config'].get(k))}" for k in differing) or "(one config)"
         stats = {}
-        for name, get in METRICS:
-            vals = []
-            for r in g["runs"]:
-                try:
-                    vals.append(get(r["summary"]))
-                except (KeyError, TypeError):
-                    vals.append(None)
-            m, s = mean_std(vals)
-            stats[name] = {"mean": m, "std": s, "values": vals}
+        for source, metrics in (("summary", METRICS), ("generalization", GEN_METRICS)):
+            for name, get in metrics:
+                vals = []
+                for r in g["runs"]:
+                    try:
+                        vals.append(get(r[source]) if r.get(source) is not None else None)
+                    except (KeyError, TypeError):
+                        vals.append(None)
+                m, s = mean_std(vals)
+                stats[name] = {"mean": m, "std": s, "values": vals}
         seeds = [r["config"].get("seed") for r in g["runs"]]
         mechs = g["runs"][0]["summary"].get("mechanisms") or []
         out.append({
@@ -154,6 +181,10 @@ def format_table(groups: list[dict]) -> str:
     """A plain-text table: one row per group, mean ± sample std over its runs."""
     head = ["group", "experiment", "runs", "seeds", "restored acc", "transformed acc", "original acc", "captured",
             "all captured", "wall s"]
+    # Columns from generalization.json only when some run has one, so plain comparisons stay narrow.
+    gen = any(v is not None for g in groups for v in g["stats"]["sym_error_cut"]["values"])
+    if gen:
+        head += ["symbols: error cut", "captor best", "chain mse"]
     rows = []
     for g in groups:
         st = g["stats"]
@@ -161,6 +192,8 @@ def format_table(groups: list[dict]) -> str:
         rows.append([g["label"], g["experiment"], str(g["n"]), ",".join(map(str, g["seeds"])), _cell(st["restored"], 3),
                      _cell(st["transformed"], 3), _cell(st["original"], 3), cap,
                      f"{g['all_captured']} of {g['n']}" if g["num_mechanisms"] else "-", _cell(st["wall_s"], 0)])
+        if gen:
+            rows[-1] += [_cell(st["sym_error_cut"], 3), _cell(st["sym_captor_best"], 2), _cell(st["chain_mse"], 4)]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -251,7 +284,8 @@ def add_parser(sub) -> None:
         description="Print the final metrics of finished runs, grouped by config (equal apart from seed, run "
                     "directory, resume and tracking settings), as mean ± sample std over each group's runs, and "
                     "plot restored accuracy over training and captured mechanisms per run. Reads only the run "
-                    "directories (config.yaml, summary.json, metrics.jsonl).")
+                    "directories (config.yaml, summary.json, metrics.jsonl); where `icm-dist generalize` left a "
+                    "generalization.json, adds its measures on unseen symbols.")
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each a run.out_dir)")
     c.add_argument("--out", "-o", default="comparison.png", help="PNG with the comparison plots (default: %(default)s)")
     c.add_argument("--no-plot", action="store_true", help="print the table only")

@@ -353,6 +353,34 @@ def test_compare_groups_by_config_with_mean_and_std(tmp_path, capsys):
     assert cli_main(["compare", str(a[0]), str(tmp_path / "unfinished"), "--strict", "--no-plot"]) == 2
 
 
+def _fake_generalization(d: Path, mse_by_expert: list[float], captured_by: list, chain_mse: float | None) -> None:
+    per = {f"m{i}": {"input_mse": 0.2, "captured_by": c, "best_expert": 0,
+                     "captured_error_reduction": None if c is None else 1 - mse_by_expert[c] / 0.2,
+                     "captured_is_best": None if c is None else c == 0}
+           for i, c in enumerate(captured_by)}
+    comp = {"chain": ["m0"], "skipped": "m0 was not captured"} if chain_mse is None else {"final_mse": chain_mse}
+    (d / "generalization.json").write_text(json.dumps({"generalization": {"per_mechanism": per}, "composition": comp}))
+
+
+def test_compare_adds_the_generalization_measures_where_present(tmp_path, capsys):
+    runs = [_fake_run(tmp_path, f"s{s}", s, 32, 0.9, 3) for s in range(3)]
+    # s0: captors E0 (best, cuts 90%) and E1 (cuts 50%), a third mechanism not captured; s1: E0 only.
+    _fake_generalization(runs[0], [0.02, 0.1], [0, 1, None], 0.05)
+    _fake_generalization(runs[1], [0.04], [0, None, None], None)  # composition skipped: no chain value
+    js = tmp_path / "g.json"
+    assert cli_main(["compare", *map(str, runs), "--no-plot", "--json", str(js)]) == 0
+    st = json.loads(js.read_text())[0]["stats"]
+    assert st["sym_error_cut"]["values"] == pytest.approx([0.7, 0.8, None])  # s2 has no generalization.json
+    assert st["sym_captor_best"]["values"] == [0.5, 1.0, None]
+    assert st["chain_mse"]["values"] == [0.05, None, None] and st["chain_mse"]["std"] is None
+    assert st["sym_error_cut"]["mean"] == pytest.approx(0.75)
+    out = capsys.readouterr().out
+    assert "symbols: error cut" in out and "0.750 ± 0.071" in out and "0.0500" in out
+    # Without any generalization.json the table has no such columns.
+    cli_main(["compare", str(runs[2]), "--no-plot"])
+    assert "symbols" not in capsys.readouterr().out
+
+
 @needs_mnist
 def test_compare_on_two_tiny_runs(single_run, torchrun_run, tmp_path):
     png = tmp_path / "tiny.png"
