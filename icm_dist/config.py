@@ -62,7 +62,8 @@ class ExpertConfig:
     depth: int = 4
     """Hidden conv-BN-ELU blocks before the last 3x3 convolution to one channel (4 gives the paper's ~27K weights)."""
     pool: int = 0
-    """Number of 2x2 average-pool / 2x nearest-upsample pairs (the paper's receptive-field ablation uses 2)."""
+    """Number of 2x2 average-pool / 2x nearest-upsample pairs (the paper's receptive-field ablation uses 2):
+    pooling after each of the first ``pool`` blocks, upsampling before each of the last ``pool``."""
 
 
 @dataclass

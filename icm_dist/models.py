@@ -45,8 +45,15 @@ class FastELU(nn.Module):
         return fast_elu(x)
 
 
-def _pool_after(cfg: ExpertConfig) -> tuple[set, set]:
-    """Blocks followed by 2x2 average pooling and by 2x upsampling (the receptive-field ablation)."""
+def _resampling(cfg: ExpertConfig) -> tuple[set, set]:
+    """The receptive-field ablation (``expert.pool``): blocks followed by 2x2 average pooling (the first
+    ``pool``) and blocks preceded by 2x nearest upsampling (the last ``pool``).
+
+    Upsampling comes before a block's convolution, not after it: then the last blocks and the output
+    convolution work at full resolution and smooth the nearest-neighbour copies. Upsampling after
+    the convolutions left only the 3x3 output convolution to do that; its outputs were visibly
+    blocky, and the discriminator told them from digits (docs/results.md, pooled experts).
+    """
     pools = set(range(cfg.pool))
     ups = set(range(cfg.depth - cfg.pool, cfg.depth))
     return pools, ups
@@ -69,14 +76,14 @@ class Expert(nn.Module):
         self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        pools, ups = _pool_after(self.cfg)
+        pools, ups = _resampling(self.cfg)
         h = x_B1HW
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = F.elu(norm(conv(h)))
             if i in pools:
                 h = F.avg_pool2d(h, 2)
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         return torch.sigmoid(self.out(h))
 
 
@@ -120,9 +127,11 @@ class ExpertBank(nn.Module):
         appends each layer's ``(mean, invstd)`` to the list, so that :meth:`forward_one` can later
         reproduce exactly these outputs for a subset of the examples.
         """
-        pools, ups = _pool_after(self.cfg)
+        pools, ups = _resampling(self.cfg)
         h = x_BEHW
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = conv(h)
             if collect_stats is not None and self.training:
                 # The stock BatchNorm kernel (running statistics updated as nn.BatchNorm2d does), asked
@@ -136,8 +145,6 @@ class ExpertBank(nn.Module):
             h = fast_elu(h)
             if i in pools:
                 h = F.avg_pool2d(h, 2)
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         return torch.sigmoid(self.out(h))
 
     def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:
@@ -147,9 +154,11 @@ class ExpertBank(nn.Module):
         the one it had in the full pass, and the backward touches only the examples passed in.
         """
         E, W = self.num, self.cfg.width
-        pools, ups = _pool_after(self.cfg)
+        pools, ups = _resampling(self.cfg)
         h = x_B1HW
         for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            if i in ups:
+                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             # A slice of a channels_last weight is not contiguous in any format some conv kernels
             # accept for grad_weight: copy the (small) slice, which autograd routes back to the bank.
             w = conv.weight.unflatten(0, (E, -1))[j].contiguous()
@@ -161,8 +170,6 @@ class ExpertBank(nn.Module):
             h = fast_elu(h)
             if i in pools:
                 h = F.avg_pool2d(h, 2)
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
         w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()
         return torch.sigmoid(F.conv2d(h, w, self.out.bias[j:j + 1], padding=1))
 

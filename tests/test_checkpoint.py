@@ -367,6 +367,18 @@ def test_export_metadata_and_doc_snippet_loads_one_expert(run_a, tmp_path, digit
     for path in (out, run_a / "checkpoints/iter_0000008/expert_001.safetensors"):
         got = ns["load_expert"](str(path))(x)
         assert got.shape == x.shape and torch.equal(got, want)
+    # The snippet's pooling and upsampling against the module (run_a's experts have none).
+    from safetensors.torch import save_file
+
+    from icm_dist.config import ExpertConfig
+    from icm_dist.models import make_expert
+
+    pooled = make_expert(ExpertConfig(width=8, depth=4, pool=2), seed=0, expert_id=0).eval()
+    p = tmp_path / "pooled.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in pooled.state_dict().items()}, str(p),
+              metadata={"expert_config": json.dumps({"width": 8, "depth": 4, "pool": 2})})
+    with torch.no_grad():
+        torch.testing.assert_close(ns["load_expert"](str(p))(x), pooled(x))
 
 
 def test_export_by_mechanism_and_errors(run_a, tmp_path):

@@ -1,5 +1,6 @@
 """Networks of appendix B, and the bank of grouped convolutions against a loop of Expert modules."""
 
+import pytest
 import torch
 
 from icm_dist.config import DiscriminatorConfig, ExpertConfig
@@ -18,6 +19,18 @@ def test_expert_shapes_and_parameter_count():
     assert pooled(torch.rand(2, 1, 32, 32)).shape == (2, 1, 32, 32)
     out = e(torch.rand(3, 1, 32, 32))
     assert (out >= 0).all() and (out <= 1).all()
+
+
+def test_pooled_expert_upsamples_before_its_last_blocks():
+    # expert.pool=2: pool after blocks 0 and 1, upsample before blocks 2 and 3, so the last block and the
+    # output convolution see the full 32x32 (an upsampling after the last block left the blocky
+    # nearest-neighbour copies to the output convolution alone).
+    e = Expert(ExpertConfig(width=4, depth=4, pool=2))
+    sizes = []
+    for m in [*e.convs, e.out]:
+        m.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[-1]))
+    e(torch.rand(2, 1, 32, 32))
+    assert sizes == [32, 16, 16, 32, 32]
 
 
 def test_discriminator_and_classifier_shapes():
@@ -69,8 +82,9 @@ def test_bank_views_work_in_channels_last():
     assert torch.equal(bank.expert_state(2)["convs.1.weight"], ref.convs[1].weight)
 
 
-def test_forward_one_reproduces_the_full_pass():
-    cfg = ExpertConfig(width=8, depth=3)
+@pytest.mark.parametrize("depth,pool", [(3, 0), (4, 2)])
+def test_forward_one_reproduces_the_full_pass(depth, pool):
+    cfg = ExpertConfig(width=8, depth=depth, pool=pool)
     bank = ExpertBank.create(cfg, seed=0, ids=[0, 1, 2])
     x = torch.rand(10, 1, 32, 32)
     stats = []
