@@ -3,11 +3,10 @@
 Needs nothing but the run directories (``config.yaml``, ``summary.json``, ``metrics.jsonl``, and
 ``generalization.json`` where ``icm-dist generalize`` wrote one): no wandb, no checkpoints, no data
 set. Runs whose configs are equal apart from the keys in :data:`IGNORED_KEYS` (the seed, where the
-run was written, how it was tracked) form one group; a
-group's label is the keys in which it differs from the other groups. For each group the table
-gives the mean and the sample standard deviation over its runs (normally: over seeds), and a PNG
-shows restored accuracy over training (one line per run, a colour per group) and the number of
-captured mechanisms per run.
+run was written, how it was tracked) form one group; a group's label is the keys in which it
+differs from the other groups. For each group the table gives the mean and the sample standard
+deviation over its runs (normally: over seeds), and a PNG shows restored accuracy over training
+(one line per run, a colour per group) and the number of captured mechanisms per run.
 """
 
 from __future__ import annotations
