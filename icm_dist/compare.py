@@ -78,7 +78,8 @@ def load_run(run_dir: str | Path) -> dict:
         try:
             gen = json.loads(g_p.read_text())
         except json.JSONDecodeError as e:
-            raise CompareError(f"'{g_p}': cannot read it ({e}); rerun icm-dist generalize") from None
+            # A broken side file should not drop the run's own metrics from the comparison.
+            print(f"ignored '{g_p}': cannot read it ({e}); rerun icm-dist generalize", file=sys.stderr)
     return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve, "generalization": gen}
 
 

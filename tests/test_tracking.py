@@ -379,6 +379,11 @@ def test_compare_adds_the_generalization_measures_where_present(tmp_path, capsys
     # Without any generalization.json the table has no such columns.
     cli_main(["compare", str(runs[2]), "--no-plot"])
     assert "symbols" not in capsys.readouterr().out
+    # A broken one is ignored with a note; the run's own metrics stay in.
+    (runs[2] / "generalization.json").write_text('{"generalization": ')
+    assert cli_main(["compare", str(runs[2]), "--no-plot", "--strict"]) == 0
+    cap = capsys.readouterr()
+    assert "ignored" in cap.err and "generalization.json" in cap.err and "0.900" in cap.out
 
 
 @needs_mnist
