@@ -98,17 +98,13 @@ def _captors(g: dict) -> list[dict]:
     return [r for r in g["generalization"]["per_mechanism"].values() if r.get("captured_by") is not None]
 
 
-def _mean(xs: list) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 # From generalization.json (``icm-dist generalize``, the paper's Figures 7 and 8), per run: how much of
 # the error of doing nothing the capturing experts remove on unseen symbols (mean over captured
 # mechanisms), the share of captured mechanisms whose captor is also the best expert on the symbols,
 # and the MSE left after undoing the chained mechanisms. None for a run without the file.
 GEN_METRICS = (
-    ("sym_error_cut", lambda g: _mean([r["captured_error_reduction"] for r in _captors(g)])),
-    ("sym_captor_best", lambda g: _mean([float(r["captured_is_best"]) for r in _captors(g)])),
+    ("sym_error_cut", lambda g: mean_std([r["captured_error_reduction"] for r in _captors(g)])[0]),
+    ("sym_captor_best", lambda g: mean_std([r["captured_is_best"] for r in _captors(g)])[0]),
     ("chain_mse", lambda g: g["composition"].get("final_mse")),
 )
 
