@@ -10,7 +10,18 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+
 from icm_dist.cli import main  # noqa: E402
 
+
+# @record: under torchrun, an exception in a worker is written to the error file torchrun reads, so
+# its failure summary names the exception and traceback of the first rank that failed instead of
+# "traceback: To enable traceback see ...". Without torchrun it only turns on faulthandler.
+@record
+def _train_main() -> int:
+    return main(["train", *sys.argv[1:]])
+
+
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(_train_main())

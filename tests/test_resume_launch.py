@@ -36,7 +36,11 @@ def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
     r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    # A plain string, not a tuple: pytest prints a string message whole, where it cuts a tuple's repr to
+    # one line. The killed run's stderr holds attempt 1's expected traceback before anything that went
+    # wrong after the restart, so keep all of it.
+    assert r.returncode == 0, (f"exit {r.returncode}: {' '.join(cmd)}\n--- stdout ---\n{r.stdout[-6000:]}"
+                               f"\n--- stderr ---\n{r.stderr[-20000:]}")
     return r
 
 
