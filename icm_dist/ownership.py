@@ -85,26 +85,27 @@ def _fmt(lead: dict[str, int]) -> str:
     return " ".join(f"e{e}:{'+'.join(ms)}" for e, ms in groups(lead).items())
 
 
-def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int]:
+def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int, list[dict]]:
+    """The run's metric rows, mechanism names, expert count, and its splits (``summary.json``; [] if none)."""
     d = Path(run_dir)
     m_p = d / "metrics.jsonl"
     if not m_p.is_file():
         raise OwnershipError(f"'{d}' has no metrics.jsonl: not a run directory")
-    names, N = None, None
+    names, N, splits = None, None, []
     if (d / "summary.json").is_file():
         s = json.loads((d / "summary.json").read_text())
-        names, N = s["mechanisms"], s["num_experts"]
+        names, N, splits = s["mechanisms"], s["num_experts"], s.get("splits") or []
     elif (d / "config.yaml").is_file():
         cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
         names, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
     if not names or not N:
         raise OwnershipError(f"'{d}': neither summary.json nor config.yaml names the mechanisms and experts")
     rows = [r for r in read_metrics(m_p) if "iteration" in r]
-    return rows, list(names), int(N)
+    return rows, list(names), int(N), splits
 
 
 def report(run_dir: str | Path, every: int = 100) -> tuple[str, dict]:
-    rows, names, N = read_run(run_dir)
+    rows, names, N, splits = read_run(run_dir)
     tl = timeline(rows, names, N)
     v = verdict(tl, N)
     lines = [f"{run_dir}"]
@@ -120,8 +121,6 @@ def report(run_dir: str | Path, every: int = 100) -> tuple[str, dict]:
     never = ", ".join(f"e{e}" for e in v["never_led"]) or "none"
     lines.append(f"  settled at iteration {v['settled_at']}; at the end shared: {shared}, idle: {idle}; "
                  f"never led a mechanism: {never}")
-    s_p = Path(run_dir) / "summary.json"
-    splits = json.loads(s_p.read_text()).get("splits") if s_p.is_file() else None
     if splits:  # train.split_every: an idle expert became a copy of a busy one (the division above follows it)
         lines.append("  splits: " + ", ".join(f"e{s['copy']} <- e{s['donor']} at {s['iteration']}" for s in splits))
     return "\n".join(lines), v

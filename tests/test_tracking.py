@@ -415,7 +415,7 @@ def test_ownership_reads_a_real_run(single_run):
     """The keys ``icm-dist ownership`` reads are the ones the trainer writes."""
     from icm_dist import ownership as own
 
-    rows, names, N = own.read_run(single_run)
+    rows, names, N, _ = own.read_run(single_run)
     tl = own.timeline(rows, names, N)
     assert tl, "no logged row holds the scores of every mechanism"
     assert all(set(lead) == set(names) and all(0 <= e < N for e in lead.values()) for _, lead in tl)
