@@ -141,6 +141,13 @@ class Tracker(NullTracker):
             except ImportError as e:
                 raise TrackingError(f"wandb is not importable ({e}); install it or set tracking.wandb.mode=disabled") from None
 
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                # Under torchrun, never join a wandb service inherited through WANDB_SERVICE from the process
+                # that started torchrun: that service outlives this worker, and if the worker dies before
+                # wandb.finish (SIGKILL, or torchrun's SIGTERM after another rank failed) it keeps the run
+                # id "in use", so the restarted attempt, which resumes the same id, is refused. A service
+                # of this process's own dies with it.
+                os.environ.pop("WANDB_SERVICE", None)
             w = cfg.tracking.wandb
             try:
                 self.wandb = wandb.init(

@@ -228,9 +228,12 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             if cfg.checkpoint.every and it % cfg.checkpoint.every == 0 and it != T and not stopped_early:
                 ckpt_lib.save_checkpoint(out, it, cfg, experts, disc_module, d_opt, d, plan, state,
                                          rows, cfg.checkpoint.keep)
-            # TEST HOOK (tests/test_resume_launch.py): on torchrun's first launch, rank 1 SIGKILLs itself after
-            # iteration ICM_DIST_TEST_KILL_AT, so the test can watch torchrun restart the group and resume.
-            if os.environ.get("ICM_DIST_TEST_KILL_AT") == str(it) and d.rank == 1 and ckpt_lib.restart_count() == 0:
+            # TEST HOOK (tests/test_resume_launch.py): on torchrun's first launch, rank ICM_DIST_TEST_KILL_RANK
+            # (default 1) SIGKILLs itself after iteration ICM_DIST_TEST_KILL_AT, so the test can watch torchrun
+            # restart the group and resume.
+            if (os.environ.get("ICM_DIST_TEST_KILL_AT") == str(it) and ckpt_lib.restart_count() == 0
+                    and str(d.rank) == os.environ.get("ICM_DIST_TEST_KILL_RANK", "1")):
+                print(f"test hook: rank {d.rank} SIGKILLs itself after iteration {it}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             if stopped_early:
                 break
