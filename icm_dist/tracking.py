@@ -141,13 +141,7 @@ class Tracker(NullTracker):
             except ImportError as e:
                 raise TrackingError(f"wandb is not importable ({e}); install it or set tracking.wandb.mode=disabled") from None
 
-            if "TORCHELASTIC_RUN_ID" in os.environ:
-                # Under torchrun, never join a wandb service inherited through WANDB_SERVICE from the process
-                # that started torchrun: that service outlives this worker, and if the worker dies before
-                # wandb.finish (SIGKILL, or torchrun's SIGTERM after another rank failed) it keeps the run
-                # id "in use", so the restarted attempt, which resumes the same id, is refused. A service
-                # of this process's own dies with it.
-                os.environ.pop("WANDB_SERVICE", None)
+            drop_inherited_wandb_service()
             w = cfg.tracking.wandb
             try:
                 self.wandb = wandb.init(
@@ -243,6 +237,23 @@ class Tracker(NullTracker):
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def drop_inherited_wandb_service() -> None:
+    """Forget a wandb service this process inherited (``WANDB_SERVICE`` from a parent: a notebook, a sweep
+    script, the shell that ran torchrun, pytest), so that wandb.init starts one of this process's own.
+
+    An inherited service outlives this process. If the process dies before wandb.finish (SIGKILL, the
+    OOM killer, torchrun's SIGTERM after another rank failed), that service keeps the run id "in use",
+    and the resume of the run, which reuses the id (a torchrun restart does so by itself), is refused.
+    A service of its own dies with the process. wandb's sweep agent drops the variable for the
+    commands it starts for the same reason. The token names the pid of the process that started the
+    service ("3-PID-unix-..."); one this process started itself (an earlier wandb.init here) is kept.
+    """
+    token = os.environ.get("WANDB_SERVICE")
+    m = re.match(r"\d+-(\d+)-", token or "")
+    if token and not (m and int(m.group(1)) == os.getpid()):
+        del os.environ["WANDB_SERVICE"]
 
 
 def _run_id(out_dir: Path, resume: bool) -> str:

@@ -26,7 +26,8 @@ from wandb_reader import RunFile, WandbFileError, crc32c, read_chunks  # noqa: E
 from icm_dist import compare as cmp  # noqa: E402
 from icm_dist.cli import main as cli_main  # noqa: E402
 from icm_dist.config import load_config  # noqa: E402
-from icm_dist.tracking import NullTracker, Tracker, default_group, make_tracker, resolve_wandb_mode  # noqa: E402
+from icm_dist.tracking import (NullTracker, Tracker, default_group, drop_inherited_wandb_service,  # noqa: E402
+                               make_tracker, resolve_wandb_mode)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -154,6 +155,21 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
     assert resolve_wandb_mode("online") == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_wandb_mode("online") == "disabled"
+
+
+def test_an_inherited_wandb_service_is_dropped_and_our_own_kept(monkeypatch):
+    """The service token names the pid that started the service: another process's (or one this
+    function cannot read) is forgotten, this process's own is kept. The launch it protects is in
+    tests/test_resume_launch.py (rank 0 killed under a parent's service)."""
+    own = f"3-{os.getpid()}-unix-/tmp/wandb-{os.getpid()}-1-2/socket"
+    for token, kept in [(own, True), (f"3-{os.getpid() + 1}-unix-/tmp/x/socket", False),
+                        ("3-1-tcp-localhost-4242", False), ("not a token", False)]:
+        monkeypatch.setenv("WANDB_SERVICE", token)
+        drop_inherited_wandb_service()
+        assert (os.environ.get("WANDB_SERVICE") == token) is kept, token
+    monkeypatch.delenv("WANDB_SERVICE", raising=False)
+    drop_inherited_wandb_service()  # nothing to drop
+    assert "WANDB_SERVICE" not in os.environ
 
 
 def test_default_group_drops_the_seed():
