@@ -98,7 +98,7 @@ def test_rank0_killed_under_an_inherited_wandb_service_restarts_and_resumes_its_
                                                                                       data_root):
     """Rank 0 (the one that logs to wandb) SIGKILLed, with a wandb service inherited from torchrun's parent
     (CI's pytest, a notebook, a sweep script). That service would keep the run id "in use" and refuse the
-    restart's resume of it; the tracker does not join it under torchrun (icm_dist/tracking.py)."""
+    restart's resume of it; the tracker does not join an inherited service (icm_dist/tracking.py)."""
     out = tmp_path / "killed0"
     cmd = [sys.executable, "-c", _WANDB_PARENT, str(tmp_path),
            *_torchrun(2, *_args(out, data_root, "tracking.wandb.mode=offline"), restarts=1)]
