@@ -16,7 +16,7 @@ from icm_dist.cli import main  # noqa: E402
 
 
 # @record: under torchrun, an exception in a worker is written to the error file torchrun reads, so
-# its failure summary names the exception and traceback of the first rank that failed instead of
+# its failure summary shows the exception and traceback of every rank that raised one instead of
 # "traceback: To enable traceback see ...". Without torchrun it only turns on faulthandler.
 @record
 def _train_main() -> int:
