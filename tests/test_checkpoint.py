@@ -116,6 +116,21 @@ def test_resume_with_splits_is_bitwise(tmp_path, data_root):
     assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
 
 
+def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path, data_root):
+    """A run that finished at iteration 4, resumed with train.iterations=8 (and another evaluation cadence,
+    which draws from its own keyed streams), ends bitwise where an 8-iteration run ends: iteration t's
+    batches depend on t only, so a finished run can be taken further without redoing it."""
+    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
+    a = _train(tmp_path / "a", data_root, *split)
+    _train(tmp_path / "short", data_root, *split, "train.iterations=4", "eval.every=2", "eval.examples=50")
+    b = _train(tmp_path / "short", data_root, *split, "resume=auto")
+    assert b["iterations"] == 8 and b["splits"] == a["splits"]
+    rows = [json.loads(x) for x in (tmp_path / "short/metrics.jsonl").read_text().splitlines()]
+    evals = [r["iteration"] for r in rows if "eval/accuracy/transformed" in r]
+    assert evals == [2, 4, 8], evals  # the short run's (2, then its final one at 4), then the extension's final
+    assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "short/checkpoints/iter_0000008") == []
+
+
 def test_no_splits_with_more_experts_than_mechanisms(tmp_path, data_root, capsys):
     """4 experts for tiny's 3 mechanisms: an idle expert is expected, so the same settings split nothing."""
     split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
