@@ -80,6 +80,12 @@ def load_run(run_dir: str | Path) -> dict:
         except json.JSONDecodeError as e:
             # A broken side file should not drop the run's own metrics from the comparison.
             print(f"ignored '{g_p}': cannot read it ({e}); rerun icm-dist generalize", file=sys.stderr)
+        # A run trained on after `icm-dist generalize` (train.iterations raised, resume=auto) keeps the old
+        # file; its numbers describe other experts than the summary's, so they must not sit in one row.
+        if gen is not None and gen.get("iteration") not in (None, summary.get("iterations")):
+            print(f"ignored '{g_p}': measured at iteration {gen['iteration']}, the run is at {summary.get('iterations')}; "
+                  "rerun icm-dist generalize", file=sys.stderr)
+            gen = None
     return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve, "generalization": gen}
 
 

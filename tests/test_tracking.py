@@ -400,6 +400,16 @@ def test_compare_adds_the_generalization_measures_where_present(tmp_path, capsys
     assert cli_main(["compare", str(runs[2]), "--no-plot", "--strict"]) == 0
     cap = capsys.readouterr()
     assert "ignored" in cap.err and "generalization.json" in cap.err and "0.900" in cap.out
+    # One measured on an earlier checkpoint (the run was trained on since) is ignored too, and says why.
+    _fake_generalization(runs[2], [0.02], [0, None, None], 0.05)
+    g = json.loads((runs[2] / "generalization.json").read_text())
+    (runs[2] / "generalization.json").write_text(json.dumps({**g, "iteration": 50}))
+    assert cli_main(["compare", str(runs[2]), "--no-plot"]) == 0
+    cap = capsys.readouterr()
+    assert "measured at iteration 50, the run is at 100" in cap.err and "symbols" not in cap.out
+    (runs[2] / "generalization.json").write_text(json.dumps({**g, "iteration": 100}))
+    assert cli_main(["compare", str(runs[2]), "--no-plot"]) == 0
+    assert "symbols: error cut" in capsys.readouterr().out
 
 
 @needs_mnist
