@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
+# Splits at tiny scale: a check every 3 iterations with loose shares, so an 8-iteration run splits at 3 and 6.
+SPLIT_OFTEN = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
+
+
 def _overrides(out: Path, data_root: str, *more: str) -> list[str]:
     return [f"run.out_dir={out}", f"data.root={data_root}", "threads=1", "train.iterations=8", "checkpoint.every=4",
             "checkpoint.keep=10", "eval.every=4", "eval.examples=100", "eval.final_examples=200",
@@ -108,10 +112,9 @@ def test_resume_with_splits_is_bitwise(tmp_path, data_root):
     """train.split_every keeps state between checks (wins so far, divisions under way): resumed at
     iteration 4, between the checks at 3 and 6 and inside the division that began at 3, iteration 8
     is equal to the bit and the splits are the same."""
-    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
-    a = _train(tmp_path / "a", data_root, *split)
+    a = _train(tmp_path / "a", data_root, *SPLIT_OFTEN)
     assert a["splits"] and a["splits"][0]["iteration"] == 3, a["splits"]
-    b = _train(tmp_path / "b", data_root, *split, f"resume={tmp_path / 'a/checkpoints/iter_0000004'}")
+    b = _train(tmp_path / "b", data_root, *SPLIT_OFTEN, f"resume={tmp_path / 'a/checkpoints/iter_0000004'}")
     assert b["splits"] == a["splits"]
     assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
 
@@ -120,10 +123,9 @@ def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path
     """A run that finished at iteration 4, resumed with train.iterations=8 (and another evaluation cadence,
     which draws from its own keyed streams), ends bitwise where an 8-iteration run ends: iteration t's
     batches depend on t only, so a finished run can be taken further without redoing it."""
-    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
-    a = _train(tmp_path / "a", data_root, *split)
-    _train(tmp_path / "short", data_root, *split, "train.iterations=4", "eval.every=2", "eval.examples=50")
-    b = _train(tmp_path / "short", data_root, *split, "resume=auto")
+    a = _train(tmp_path / "a", data_root, *SPLIT_OFTEN)
+    _train(tmp_path / "short", data_root, *SPLIT_OFTEN, "train.iterations=4", "eval.every=2", "eval.examples=50")
+    b = _train(tmp_path / "short", data_root, *SPLIT_OFTEN, "resume=auto")
     assert b["iterations"] == 8 and b["splits"] == a["splits"]
     rows = [json.loads(x) for x in (tmp_path / "short/metrics.jsonl").read_text().splitlines()]
     evals = [r["iteration"] for r in rows if "eval/accuracy/transformed" in r]
@@ -133,8 +135,7 @@ def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path
 
 def test_no_splits_with_more_experts_than_mechanisms(tmp_path, data_root, capsys):
     """4 experts for tiny's 3 mechanisms: an idle expert is expected, so the same settings split nothing."""
-    split = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
-    summary = _train(tmp_path / "a", data_root, *split, "expert.num=4")
+    summary = _train(tmp_path / "a", data_root, *SPLIT_OFTEN, "expert.num=4")
     assert summary["splits"] == []
     assert "splits off: 4 experts for 3 mechanisms" in capsys.readouterr().out
 
