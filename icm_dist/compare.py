@@ -20,35 +20,14 @@ from typing import Any
 
 import yaml
 
+from .config import experiment_config, experiment_hash
 from .errors import IcmError
 from .utils import flatten, read_metrics
-
-# Keys that do not change what is being measured, only which repetition it is (seed), where it is
-# written (run.*, data.root), how it resumed, how it is tracked, and how many CPU threads it used.
-# The issue asked for "seed and run.out_dir/run.name"; resume, tracking.* (wandb mode, project, ...),
-# data.root, run.progress, threads and dist.timeout_s are left out as well, because a resumed run, one
-# logged offline instead of online, or one launched with threads=1 per rank under torchrun is the
-# same experiment and must not end up in a group of its own. Knobs that can change the numbers
-# (device, train.precision, train.path, ...) still split groups.
-IGNORED_KEYS = ("seed", "run.", "resume", "tracking.", "data.root", "threads", "dist.timeout_s")
 
 
 class CompareError(IcmError):
     """A run directory that cannot be compared."""
 
-
-def _ignored(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_KEYS)
-
-
-def experiment_config(cfg_dict: dict) -> dict:
-    """The flattened config without the keys that only tell repetitions of one experiment apart."""
-    return {k: v for k, v in flatten(cfg_dict).items() if not _ignored(k)}
-
-
-def experiment_hash(cfg_dict: dict) -> str:
-    """A short hash that runs of the same experiment (differing only in seed, out_dir, ...) share."""
-    return hashlib.sha256(json.dumps(experiment_config(cfg_dict), sort_keys=True).encode()).hexdigest()[:10]
 
 
 # ----------------------------------------------------------------------------- reading runs

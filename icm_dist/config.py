@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from .errors import ConfigError
+from .utils import flatten
 
 PAPER_MECHANISMS = [
     "up", "down", "left", "right", "up_left", "up_right", "down_left", "down_right", "invert", "noise",
@@ -353,6 +354,28 @@ def to_dict(cfg: Config) -> dict:
 def config_hash(cfg: Config) -> str:
     """Stable short hash of the whole resolved config; ranks compare it at start-up."""
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Keys that do not change what is being measured, only which repetition it is (seed), where it is
+# written (run.*, data.root), how it resumed, how it is tracked, and how many CPU threads or how long a
+# collective timeout it had: a resumed run, one logged offline, or one launched with threads=1 per rank
+# under torchrun is the same experiment and belongs in the same group (icm-dist compare, wandb's
+# ``experiment``). Knobs that can change the numbers (device, train.precision, ...) still split groups.
+IGNORED_KEYS = ("seed", "run.", "resume", "tracking.", "data.root", "threads", "dist.timeout_s")
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_KEYS)
+
+
+def experiment_config(cfg_dict: dict) -> dict:
+    """The flattened config without the keys that only tell repetitions of one experiment apart."""
+    return {k: v for k, v in flatten(cfg_dict).items() if not _ignored(k)}
+
+
+def experiment_hash(cfg_dict: dict) -> str:
+    """A short hash that runs of the same experiment (differing only in seed, out_dir, ...) share."""
+    return hashlib.sha256(json.dumps(experiment_config(cfg_dict), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def dump_yaml(cfg: Config) -> str:

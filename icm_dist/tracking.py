@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, to_dict
+from .config import Config, experiment_hash, to_dict
 from .errors import IcmError
 from .utils import flatten, read_metrics
 
@@ -99,10 +99,8 @@ def default_group(cfg: Config) -> str:
 def wandb_config(cfg: Config) -> dict:
     """What goes into wandb's run config: the whole resolved config, nested (the UI shows it as
     ``train.batch_size`` etc. and can filter and group by any of it), plus ``experiment``: a hash
-    of the config without seed, run directory and tracking settings (see compare.IGNORED_KEYS),
+    of the config without seed, run directory and tracking settings (see config.IGNORED_KEYS),
     shared by all seeds of one experiment, for grouping in the UI when groups were named loosely."""
-    from .compare import experiment_hash
-
     d = to_dict(cfg)
     return {**d, "experiment": experiment_hash(d)}
 

@@ -25,7 +25,7 @@ from wandb_reader import RunFile, WandbFileError, crc32c, read_chunks  # noqa: E
 
 from icm_dist import compare as cmp  # noqa: E402
 from icm_dist.cli import main as cli_main  # noqa: E402
-from icm_dist.config import load_config  # noqa: E402
+from icm_dist.config import experiment_hash, load_config  # noqa: E402
 from icm_dist.tracking import (NullTracker, Tracker, default_group, drop_inherited_wandb_service,  # noqa: E402
                                make_tracker, resolve_wandb_mode)
 
@@ -234,7 +234,7 @@ def test_offline_run_file_has_the_figures_and_the_summary(single_run):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     for section in ("seed", "data", "expert", "discriminator", "identity_init", "train", "eval", "tracking"):
         assert rf.config[section] == cfg[section], section
-    assert rf.config["experiment"] == cmp.experiment_hash(cfg)
+    assert rf.config["experiment"] == experiment_hash(cfg)
 
     # Everything on the iteration axis; identity progress on its own.
     globs = {m.glob_name: m.step_metric for m in rf.metrics if m.glob_name}
