@@ -2,7 +2,7 @@
 
     python bench/dist.py [--steps 10] [--warmup 2] [--experts 10] [--batch 32]
 
-Runs the real :func:`icm_dist.competition.competition_step` of the paper config (configs/paper.yaml)
+Runs the real :func:`icm_dist.step.competition_step` of the paper config (configs/paper.yaml)
 on real MNIST inputs (``build_protocol`` over ``--data-root``, the same batches for every set-up,
 drawn as the trainer draws them), in three set-ups, side by side: all their processes are spawned
 with torch.multiprocessing at once and take turns, one step of one set-up at a time (A, B, C, A, ...),
@@ -47,10 +47,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-
 
 # ----------------------------------------------------------------------------- counting
 
@@ -99,9 +98,9 @@ class Counter:
                 return _orig(*args, **kwargs)
 
             # c10d's own module globals (all_gather_object calls all_gather through them) and the
-            # torch.distributed names that icm_dist.parallel calls.
+            # torch.distributed names that icm_dist.dist calls.
             setattr(c10d, op, wrapped)
-            setattr(dist, op, wrapped)
+            setattr(tdist, op, wrapped)
 
     def ddp_hook(self, state, bucket):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -157,26 +156,28 @@ def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, i
     counter = Counter()
     counter.install()
     if world > 1:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from icm_dist.competition import LocalExperts, competition_step, resolve_precision
+        tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from icm_dist.config import load_config
+    from icm_dist.dist import Dist, ShardPlan, check_same_config
     from icm_dist.evaluate import run_committee
+    from icm_dist.experts import LocalExperts
     from icm_dist.models import make_discriminator
-    from icm_dist.parallel import Dist, ShardPlan, check_same_config
+    from icm_dist.precision import resolve_precision
+    from icm_dist.step import competition_step
 
     cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args))
-    d = Dist(rank, world, 0, torch.device("cpu"), launcher="bench")
+    dist = Dist(rank, world, 0, torch.device("cpu"), launcher="bench")
     counter.phase = "startup"
-    check_same_config(d, cfg)
+    check_same_config(dist, cfg)
     counter.phase = "setup"
     plan = ShardPlan(cfg.expert.num, world)
-    experts = LocalExperts(cfg, list(plan.block(rank)), d.device)
+    experts = LocalExperts(cfg, list(plan.block(rank)), dist.device)
     disc_module = make_discriminator(cfg)
     if cfg.train.channels_last:
         disc_module = disc_module.to(memory_format=torch.channels_last)
-    d_opt = torch.optim.Adam(disc_module.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
+    disc_opt = torch.optim.Adam(disc_module.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
                              eps=cfg.train.eps)
-    disc = d.wrap_discriminator(disc_module)
+    disc = dist.wrap_discriminator(disc_module)
     if world > 1:
         disc.register_comm_hook(None, counter.ddp_hook)
 
@@ -189,7 +190,7 @@ def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, i
         counter.phase = "warmup" if t < args.warmup else "step"
         turns.wait(k, t)
         t0 = time.perf_counter()
-        res = competition_step(experts, disc, d_opt, fake[t], real[t], plan, d)
+        res = competition_step(experts, disc, disc_opt, fake[t], real[t], plan, dist)
         times.append(time.perf_counter() - t0)
         turns.finish(k, world)
         if t >= args.warmup:
@@ -199,18 +200,18 @@ def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, i
     # The collectives of one logging interval, as the trainer calls them, and one evaluation batch.
     turns.wait(k, fake.shape[0])
     counter.phase = "log"
-    d.all_reduce_sum(res.d_loss_local.clone().float())
-    d.all_gather_object(res.expert_loss_E.cpu().tolist())
+    dist.all_reduce_sum(res.disc_loss_local.clone().float())
+    dist.all_gather_object(res.expert_loss_E.cpu().tolist())
     counter.phase = "eval"
-    run_committee(experts, disc_module, inputs["test"], plan, d, cfg)
+    run_committee(experts, disc_module, inputs["test"], plan, dist, cfg)
     turns.finish(k, world)
 
     result = {"rank": rank, "times": times, "rows": dict(counter.rows), "won_local": won_local.tolist(),
-              "winners": winners, "precision": resolve_precision(cfg.train.precision, d.device),
+              "winners": winners, "precision": resolve_precision(cfg.train.precision, dist.device),
               "threads": torch.get_num_threads(), "experts": list(experts.ids)}
     Path(out_path).write_text(json.dumps(result))
     if world > 1:
-        dist.destroy_process_group()
+        tdist.destroy_process_group()
 
 
 def run_setups(setups: list[tuple[int, int]], args, inputs_path: str) -> list[list[dict]]:

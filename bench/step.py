@@ -3,9 +3,9 @@
     python bench/step.py                      # paper config (10 experts, batch 32) and 40 experts
     python bench/step.py --experts 10 --steps 20 --device cuda
 
-Reference path: ``competition.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
+Reference path: ``reference.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
 dense backward through every expert and D, and a separate D update (what the public
-implementations do). Fast path: ``competition.competition_step`` with configs/paper.yaml as it is
+implementations do). Fast path: ``step.competition_step`` with configs/paper.yaml as it is
 (batched experts as grouped convolutions, channels_last, bf16 autocast where native, one D pass that
 both scores and trains, the dense expert backward, ``torch.compile`` of the experts' pass). Timed
 beside it: the same with ``train.compile`` flipped, and the ``winners`` expert-backward mode (which
@@ -32,13 +32,17 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from icm_dist.competition import LocalExperts, competition_step, identity_init, reference_step, resolve_precision  # noqa: E402
 from icm_dist.config import apply_override, load_config  # noqa: E402
 from icm_dist.data.protocol import build_protocol  # noqa: E402
+from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import run_committee  # noqa: E402
+from icm_dist.experts import LocalExperts  # noqa: E402
+from icm_dist.identity import identity_init  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
-from icm_dist.parallel import Dist, ShardPlan  # noqa: E402
+from icm_dist.precision import resolve_precision  # noqa: E402
+from icm_dist.reference import reference_step  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
+from icm_dist.step import competition_step  # noqa: E402
 
 
 def sync(device):
@@ -50,8 +54,8 @@ def setup(experts: int, device: str, overrides=()):
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "paper.yaml"),
                       [f"expert.num={experts}", f"device={device}", *overrides])
     proto = build_protocol(cfg)
-    d = Dist(0, 1, 0, torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")))
-    return cfg, proto, d
+    dist = Dist(0, 1, 0, torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")))
+    return cfg, proto, dist
 
 
 def batch(proto, cfg, t, device):
@@ -61,9 +65,9 @@ def batch(proto, cfg, t, device):
     return f.to(device), r.to(device)
 
 
-def make_paths(cfg, d):
-    fast = LocalExperts(cfg, list(range(cfg.expert.num)), d.device)
-    D_fast = make_discriminator(cfg).to(d.device)
+def make_paths(cfg, dist):
+    fast = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
+    D_fast = make_discriminator(cfg).to(dist.device)
     if cfg.train.channels_last:
         D_fast = D_fast.to(memory_format=torch.channels_last)
     opt_fast = torch.optim.Adam(D_fast.parameters(), lr=1e-3)
@@ -84,52 +88,53 @@ def variants(cfg) -> list[tuple[str, list[str]]]:
     return out
 
 
-def time_steps(cfg, proto, d, steps: int, warmup: int = 3) -> dict[str, float]:
+def time_steps(cfg, proto, dist, steps: int, warmup: int = 3) -> dict[str, float]:
     """Median step times (s) of the reference path and of every fast variant, measured in rotation
     (one step of each per round) so that all see the same machine state. Compilation happens in the
     warm-up steps."""
     plan = ShardPlan(cfg.expert.num, 1)
-    (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref) = make_paths(cfg, d)
+    (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref) = make_paths(cfg, dist)
     paths = {"reference": lambda f, r: reference_step(ref, ref_opts, D_ref, opt_ref, f, r)}
     for name, over in variants(cfg):
         vcfg = copy.deepcopy(cfg)
         for o in over:
             apply_override(vcfg, o)
-        (ex, D, opt), _ = make_paths(vcfg, d) if over else ((fast, D_fast, opt_fast), None)
-        paths[name] = functools.partial(lambda ex, D, opt, f, r: competition_step(ex, D, opt, f, r, plan, d), ex, D, opt)
+        (ex, D, opt), _ = make_paths(vcfg, dist) if over else ((fast, D_fast, opt_fast), None)
+        paths[name] = functools.partial(lambda ex, D, opt, f, r: competition_step(ex, D, opt, f, r, plan, dist),
+                                        ex, D, opt)
     times: dict[str, list] = {k: [] for k in paths}
     for t in range(warmup + steps):
-        f, r = batch(proto, cfg, t, d.device)
+        f, r = batch(proto, cfg, t, dist.device)
         for name, step in paths.items():
-            sync(d.device)
+            sync(dist.device)
             t0 = time.perf_counter()
             step(f, r)
-            sync(d.device)
+            sync(dist.device)
             if t >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def throughput(cfg, proto, d):
+def throughput(cfg, proto, dist):
     """Identity-init steps/s and evaluation examples/s of the fast path."""
-    ex = LocalExperts(cfg, list(range(cfg.expert.num)), d.device)
+    ex = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
     cfg_id = copy.deepcopy(cfg)
     cfg_id.identity_init.max_steps = 10
     cfg_id.identity_init.mse = 1e-9  # never converges: times exactly max_steps steps
-    identity_init(ex, proto.transformed_x.to(d.device), cfg_id, d.device)  # warm-up
-    sync(d.device)
+    identity_init(ex, proto.transformed_x.to(dist.device), cfg_id, dist.device)  # warm-up
+    sync(dist.device)
     t0 = time.perf_counter()
-    identity_init(ex, proto.transformed_x.to(d.device), cfg_id, d.device)
-    sync(d.device)
+    identity_init(ex, proto.transformed_x.to(dist.device), cfg_id, dist.device)
+    sync(dist.device)
     id_rate = 10 / (time.perf_counter() - t0)
-    D = make_discriminator(cfg).to(d.device)
+    D = make_discriminator(cfg).to(dist.device)
     plan = ShardPlan(cfg.expert.num, 1)
     n = 2000
-    run_committee(ex, D, proto.test_x[:500], plan, d, cfg)
-    sync(d.device)
+    run_committee(ex, D, proto.test_x[:500], plan, dist, cfg)
+    sync(dist.device)
     t0 = time.perf_counter()
-    run_committee(ex, D, proto.test_x[:n], plan, d, cfg)
-    sync(d.device)
+    run_committee(ex, D, proto.test_x[:n], plan, dist, cfg)
+    sync(dist.device)
     return id_rate, n / (time.perf_counter() - t0)
 
 
@@ -141,28 +146,29 @@ import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
 sys.argv = ['x']
 from bench.step import setup, make_paths, batch
-from icm_dist.competition import competition_step, reference_step
-from icm_dist.parallel import ShardPlan
-cfg, proto, d = setup({experts}, {device!r})
-(fast, Df, of), (ref, ro, Dr, orf) = make_paths(cfg, d)
+from icm_dist.reference import reference_step
+from icm_dist.step import competition_step
+from icm_dist.dist import ShardPlan
+cfg, proto, dist = setup({experts}, {device!r})
+(fast, Df, of), (ref, ro, Dr, orf) = make_paths(cfg, dist)
 del proto.test_x, proto.test_clean
 import gc; gc.collect()
 def status(key):
     for line in open('/proc/self/status'):
         if line.startswith(key + ':'):
             return int(line.split()[1]) / 1024
-if d.device.type == 'cuda':
+if dist.device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats()
 else:
     open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS (VmHWM) to the current RSS
 base = status('VmRSS')
 for t in range({steps}):
-    f, r = batch(proto, cfg, t, d.device)
+    f, r = batch(proto, cfg, t, dist.device)
     if {path!r} == 'fast':
-        competition_step(fast, Df, of, f, r, ShardPlan(cfg.expert.num, 1), d)
+        competition_step(fast, Df, of, f, r, ShardPlan(cfg.expert.num, 1), dist)
     else:
         reference_step(ref, ro, Dr, orf, f, r)
-if d.device.type == 'cuda':
+if dist.device.type == 'cuda':
     print(torch.cuda.max_memory_allocated() / 2**20)
 else:
     print(status('VmHWM') - base)
@@ -181,9 +187,9 @@ def main():
     args = ap.parse_args()
     rows = []
     for n in args.experts:
-        cfg, proto, d = setup(n, args.device)
-        med = time_steps(cfg, proto, d, args.steps)
-        id_rate, eval_rate = throughput(cfg, proto, d)
+        cfg, proto, dist = setup(n, args.device)
+        med = time_steps(cfg, proto, dist, args.steps)
+        id_rate, eval_rate = throughput(cfg, proto, dist)
         mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device),
                                                    peak_memory("fast", n, args.device))
         row = {"experts": n, "reference_ms": 1000 * med["reference"]}
@@ -194,7 +200,7 @@ def main():
         row.update({"identity_steps_per_s": id_rate, "eval_examples_per_s": eval_rate,
                     "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
         rows.append(row)
-    dev = d.device
+    dev = dist.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
           f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}, "

@@ -32,7 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import Config, to_dict
+from .dist import Dist
 from .errors import CheckpointError
+from .experts import ExpertState, LocalExperts
+from .rundir import RunDir
 from .utils import sha256_file
 
 FORMAT_VERSION = 1
@@ -88,16 +91,9 @@ def expert_metadata(cfg: Config, gid: int, extra: dict | None = None) -> dict:
     return meta
 
 
-def expert_tensors(model_state: dict, optim_state: dict) -> dict:
-    """The tensors of one expert file: ``model.*`` and ``optim.*``."""
-    out = {f"model.{k}": v for k, v in model_state.items()}
-    out.update({f"optim.{k}": v for k, v in optim_state.items()})
-    return out
-
-
-def discriminator_tensors(disc_module: torch.nn.Module, d_opt: torch.optim.Optimizer) -> dict:
+def discriminator_tensors(disc_module: torch.nn.Module, disc_opt: torch.optim.Optimizer) -> dict:
     tensors = {f"model.{k}": v for k, v in disc_module.state_dict().items()}
-    for i, st in d_opt.state_dict()["state"].items():
+    for i, st in disc_opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
     return tensors
@@ -114,7 +110,7 @@ def discriminator_metadata(disc_module: torch.nn.Module) -> dict:
 
 def begin_checkpoint(run_dir: Path, iteration: int) -> Path:
     """Rank 0: an empty temporary directory for the checkpoint of ``iteration`` (stale ones removed)."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     for p in root.iterdir():  # debris of a save that crashed halfway
         if p.is_dir() and (p.name.startswith(".tmp_") or p.name.startswith(".old_")):
@@ -124,15 +120,14 @@ def begin_checkpoint(run_dir: Path, iteration: int) -> Path:
     return tmp
 
 
-def write_experts(tmp: Path, cfg: Config, experts, iteration: int) -> None:
+def write_experts(tmp: Path, cfg: Config, experts: LocalExperts, iteration: int) -> None:
     """Every rank: one file per expert it owns, each complete and fsynced when this returns."""
     for j, gid in enumerate(experts.ids):
-        tensors = expert_tensors(experts.bank.expert_state(j), experts.opt.expert_state(j))
-        save_tensors(tensors, tmp / expert_filename(gid),
+        save_tensors(experts.state(j).flat(), tmp / expert_filename(gid),
                      expert_metadata(cfg, gid, {"iteration": str(iteration)}))
 
 
-def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, d_opt, world_size: int,
+def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_opt, world_size: int,
                       trainer_state: dict, metrics, keep: int, extra: dict | None = None) -> Path:
     """Rank 0, after every rank's experts are written: D, the manifest, the rename, ``latest``, pruning."""
     root = tmp.parent
@@ -142,7 +137,8 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, d_opt
     missing = [expert_filename(g) for g in range(num) if not (tmp / expert_filename(g)).is_file()]
     if missing:  # a bug in the caller, not a user error: never publish a checkpoint without its experts
         raise RuntimeError(f"checkpoint {tmp}: expert files {missing} were not written")
-    save_tensors(discriminator_tensors(disc_module, d_opt), tmp / DISCRIMINATOR_FILE, discriminator_metadata(disc_module))
+    save_tensors(discriminator_tensors(disc_module, disc_opt), tmp / DISCRIMINATOR_FILE,
+                 discriminator_metadata(disc_module))
     files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -177,19 +173,19 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, d_opt
     return final
 
 
-def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts, disc_module, d_opt, d, plan,
-                    trainer_state: dict, metrics, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalExperts, disc_module, disc_opt,
+                    dist: Dist, trainer_state: dict, metrics, keep: int) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     tmp = root / f".tmp_{iter_dirname(iteration)}"
-    if d.is_main:
+    if dist.is_main:
         begin_checkpoint(run_dir, iteration)
-    d.barrier()  # the directory exists before anyone writes into it
+    dist.barrier()  # the directory exists before anyone writes into it
     write_experts(tmp, cfg, experts, iteration)
-    d.barrier()  # every expert file is complete and synced
-    if d.is_main:
-        finish_checkpoint(tmp, iteration, cfg, disc_module, d_opt, d.world_size, trainer_state, metrics, keep)
-    d.barrier()  # nobody goes on (or exits) before the checkpoint is in place
+    dist.barrier()  # every expert file is complete and synced
+    if dist.is_main:
+        finish_checkpoint(tmp, iteration, cfg, disc_module, disc_opt, dist.world_size, trainer_state, metrics, keep)
+    dist.barrier()  # nobody goes on (or exits) before the checkpoint is in place
     return root / iter_dirname(iteration)
 
 
@@ -266,7 +262,7 @@ def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete-looking checkpoint directories of a run, newest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")), reverse=True)
@@ -293,7 +289,7 @@ def find_resumable(run_dir: Path, cfg: Config, log=print) -> Path | None:
                 f"({len(errors)} newer one(s) skipped)")
         return ckpt
     if found:
-        raise CheckpointError(f"none of the {len(found)} checkpoints in '{Path(run_dir) / 'checkpoints'}' verifies and "
+        raise CheckpointError(f"none of the {len(found)} checkpoints in '{RunDir(run_dir).checkpoints}' verifies and "
                               f"fits this config (newest: {errors[0]}); repair or move them away, fix the config, "
                               "or use a new run.out_dir")
     return None
@@ -302,7 +298,7 @@ def find_resumable(run_dir: Path, cfg: Config, log=print) -> Path | None:
 def locate(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint, a ``checkpoints/`` directory or a run directory."""
     p = Path(path)
-    for cand in (p, p / "checkpoints"):
+    for cand in (p, RunDir(p).checkpoints):
         if (cand / "latest").is_file() and not (cand / MANIFEST_FILE).is_file():
             name = (cand / "latest").read_text().strip()
             return cand / name
@@ -328,6 +324,7 @@ def resolve_resume(cfg: Config, log=print, restarts: int | None = None) -> Path 
     """
     restarts = restart_count() if restarts is None else restarts
     out = Path(cfg.run.out_dir)
+    checkpoints = RunDir(out).checkpoints
     if restarts > 0 or cfg.resume == "auto":
         found = find_resumable(out, cfg, log=log)
         why = f"torchrun restart {restarts}" if restarts > 0 else "resume=auto"
@@ -335,12 +332,12 @@ def resolve_resume(cfg: Config, log=print, restarts: int | None = None) -> Path 
             log(f"{why}: resuming from {found}")
             return found
         if cfg.resume in (None, "auto"):
-            log(f"{why}: no checkpoint in {out / 'checkpoints'}, starting fresh")
+            log(f"{why}: no checkpoint in {checkpoints}, starting fresh")
             return None
     if not cfg.resume:
         existing = list_checkpoints(out)
         if existing:
-            log(f"warning: {out / 'checkpoints'} already holds checkpoints of an earlier run (newest {existing[0].name}); "
+            log(f"warning: {checkpoints} already holds checkpoints of an earlier run (newest {existing[0].name}); "
                 "this fresh run writes next to them and prunes the oldest. Use resume=auto to continue that run "
                 "or a new run.out_dir to keep them apart")
         return None
@@ -368,10 +365,10 @@ def read_tensors(path: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"cannot read '{path}' as safetensors ({_one_line(e)})") from None
 
 
-def load_expert_file(path: Path) -> tuple[dict, dict, dict]:
-    """(model state dict, optimizer state, metadata) of one expert file."""
+def load_expert_file(path: Path) -> tuple[ExpertState, dict]:
+    """(the expert's state, metadata) of one expert file."""
     tensors, meta = read_tensors(path)
-    return _split(tensors, "model."), _split(tensors, "optim."), meta
+    return ExpertState.from_flat(tensors), meta
 
 
 def check_fits(where: str, got: dict, template: dict) -> None:
@@ -387,7 +384,7 @@ def check_fits(where: str, got: dict, template: dict) -> None:
                                   f"needs {tuple(t.shape)}")
 
 
-def load_into(ckpt: Path, cfg: Config, experts, disc_module, d_opt, verify: bool = True) -> dict:
+def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_opt, verify: bool = True) -> dict:
     """Load the experts this rank owns now, D and its optimizer. Returns the manifest.
 
     Experts are addressed by global id, so a checkpoint saved at any world size loads at any other.
@@ -397,16 +394,14 @@ def load_into(ckpt: Path, cfg: Config, experts, disc_module, d_opt, verify: bool
     manifest = verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE]) if verify else read_manifest(ckpt)
     check_compatible(manifest, cfg, ckpt)
     if experts.ids:
-        model_t = experts.bank.expert_state(0)
-        optim_t = experts.opt.expert_state(0)
+        template = experts.state(0)
     for j, gid in enumerate(experts.ids):
         fname = expert_filename(gid)
-        model, optim, _ = load_expert_file(ckpt / fname)
-        check_fits(f"checkpoint '{ckpt}': {fname} (model)", model, model_t)
-        check_fits(f"checkpoint '{ckpt}': {fname} (optimizer)", optim, optim_t)
+        state, _ = load_expert_file(ckpt / fname)
+        check_fits(f"checkpoint '{ckpt}': {fname} (model)", state.model, template.model)
+        check_fits(f"checkpoint '{ckpt}': {fname} (optimizer)", state.optim, template.optim)
         try:
-            experts.bank.load_expert_state(j, model)
-            experts.opt.load_expert_state(j, optim)
+            experts.load_state(j, state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}': {fname} does not fit the config ({_one_line(e)})") from None
     tensors, _ = read_tensors(ckpt / DISCRIMINATOR_FILE)
@@ -415,7 +410,7 @@ def load_into(ckpt: Path, cfg: Config, experts, disc_module, d_opt, verify: bool
     disc_module.load_state_dict(_split(tensors, "model."))
     opt_tensors = _split(tensors, "optim.")
     params = list(disc_module.parameters())
-    sd = d_opt.state_dict()
+    sd = disc_opt.state_dict()
     state = {}
     for i, p in enumerate(params):
         st = {k: opt_tensors.pop(f"{i}.{k}") for k in ("step", "exp_avg", "exp_avg_sq") if f"{i}.{k}" in opt_tensors}
@@ -432,5 +427,5 @@ def load_into(ckpt: Path, cfg: Config, experts, disc_module, d_opt, verify: bool
         raise CheckpointError(f"{where} does not fit this run's discriminator: unexpected optimizer tensors "
                               f"{sorted(opt_tensors)[:4]}")
     sd["state"] = state
-    d_opt.load_state_dict(sd)
+    disc_opt.load_state_dict(sd)
     return manifest

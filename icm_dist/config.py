@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +23,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .data.mechanisms import MECHANISMS, PAPER_MECHANISMS
 from .errors import ConfigError
 from .utils import flatten
-
-PAPER_MECHANISMS = [
-    "up", "down", "left", "right", "up_left", "up_right", "down_left", "down_right", "invert", "noise",
-]
 
 
 @dataclass
@@ -57,7 +55,7 @@ class DataConfig:
 @dataclass
 class ExpertConfig:
     num: int = 10
-    """Number of experts N' in the committee (global, across all ranks)."""
+    """Number of experts N in the committee (the paper's N') (global, across all ranks)."""
     width: int = 32
     """Filters per hidden 3x3 convolution (paper: 32; 64 and 128 in the capacity ablation)."""
     depth: int = 4
@@ -109,13 +107,13 @@ class TrainConfig:
     expert_backward: Literal["dense", "winners"] = "dense"
     """``dense``: the paper's formulation, every expert's graph over the whole batch (BatchNorm statistics
     carry gradient from every example). ``winners``: each winner re-runs only on the examples it won,
-    with the batch statistics held fixed: the same outputs, a backward only where a loss exists, ~1.6x
-    faster on a CPU, but measured to specialize far more slowly (docs/results.md), so not the default."""
+    with the batch statistics held fixed: the same outputs, a backward only where a loss exists, faster
+    (docs/performance.md), but measured to specialize far more slowly (docs/results.md), so not the default."""
     compile: bool = False
     """``torch.compile`` the experts' training pass (the dense step and identity initialization; both have
-    the same static shapes): fuses BatchNorm, ELU and their backward around the convolutions. On a 2-core
-    CPU (bench/step.py) 3-10% off the step at 10 experts, 1.6x at 40, after ~15 s of compilation on a
-    cold cache; needs a C++ compiler. With ``expert_backward=winners`` only identity initialization is
+    the same static shapes): fuses BatchNorm, ELU and their backward around the convolutions; pays more the
+    larger the committee (docs/performance.md), after a compilation on a cold cache; needs a C++
+    compiler. With ``expert_backward=winners`` only identity initialization is
     compiled (that mode's step changes shapes every step)."""
     capacity_factor: Optional[float] = None
     """Beyond the paper: during the first ``capacity_iterations``, no expert may win more than
@@ -124,15 +122,15 @@ class TrainConfig:
     capacity_iterations: int = 500
     """Iterations during which ``capacity_factor`` applies (afterwards winners are the plain argmax)."""
     split_every: int = 50
-    """Beyond the paper, on by default (0: the paper's Algorithm 1): every this many iterations, an expert that won less than
-    ``split_idle_share / expert.num`` of the examples since the last check becomes a copy of the expert
-    that won the most (weights, BatchNorm buffers, Adam state), if that one won at least
-    ``split_donor_share / expert.num``; for ``split_steps`` iterations the two then divide the donor's
-    wins, the copy taking the half the donor scores lowest. Aimed at the paper's failure: one expert on
-    two mechanisms while another, winning nothing, gets no gradient and never comes back. Measured over
-    10 seeds (docs/results.md): every mechanism captured in 10 of 10, against 7 of 10 without. Applies
-    only with at most as many experts as mechanisms: with more, idle experts are expected (and a split
-    would halve a mechanism), so the trainer says so and does not split."""
+    """Beyond the paper, on by default (0: the paper's Algorithm 1): every this many iterations, an expert
+    that won less than ``split_idle_share / expert.num`` of the examples since the last check becomes a
+    copy of the expert that won the most (weights, BatchNorm buffers, Adam state), if that one won at
+    least ``split_donor_share / expert.num``; for ``split_steps`` iterations the two then divide the
+    donor's wins, the copy taking the half the donor scores lowest. Aimed at the paper's failure: one
+    expert on two mechanisms while another, winning nothing, gets no gradient and rarely comes back
+    (measured over seeds in docs/results.md). Applies only with at most as many experts as mechanisms:
+    with more, idle experts are expected (and a split would halve a mechanism), so the trainer says so
+    and does not split."""
     split_iterations: int = 600
     """Splits happen only at checks up to this iteration, leaving the rest of training to settle."""
     split_steps: int = 20
@@ -386,8 +384,6 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def _cxx() -> Optional[str]:
-    import shutil
-
     return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)), None)
 
 
@@ -401,8 +397,6 @@ def validate(cfg: Config) -> None:
     need(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     need(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1")
     need(len(cfg.data.mechanisms) >= 1, "data.mechanisms", cfg.data.mechanisms, "needs at least one mechanism")
-    from .data.mechanisms import MECHANISMS  # late import: the registry imports torch
-
     for name in cfg.data.mechanisms:
         need(isinstance(name, str) and name in MECHANISMS, "data.mechanisms", name,
              f"is not a known mechanism (known: {', '.join(MECHANISMS)})")
@@ -438,7 +432,8 @@ def validate(cfg: Config) -> None:
          cfg.train.capacity_factor, "must be >= 1 (every example needs a place) or null")
     need(cfg.train.capacity_iterations >= 0, "train.capacity_iterations", cfg.train.capacity_iterations, "must be >= 0")
     need(cfg.train.split_every >= 0, "train.split_every", cfg.train.split_every, "must be >= 0 (0: off)")
-    need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps", cfg.train.split_steps,
+    need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps",
+         cfg.train.split_steps,
          f"must be in 1..train.split_every ({cfg.train.split_every}) so that divisions never overlap")
     need(0 <= cfg.train.split_idle_share < cfg.train.split_donor_share, "train.split_idle_share",
          cfg.train.split_idle_share, f"must be >= 0 and below train.split_donor_share ({cfg.train.split_donor_share})")

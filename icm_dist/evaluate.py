@@ -16,12 +16,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .competition import LocalExperts, autocast
 from .config import Config
 from .data.protocol import Protocol
+from .dist import Dist, ShardPlan
+from .experts import LocalExperts
 from .models import Classifier
-from .parallel import Dist, ShardPlan, settle_winners
+from .precision import autocast
 from .rng import generator, seeded
+from .routing import settle_winners
 
 # ----------------------------------------------------------------------------- classifier
 
@@ -48,7 +50,8 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
     x, y = proto.classifier_x, proto.classifier_labels
     n, bs = x.shape[0], 128
     steps_per_epoch = max(1, n // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps_per_epoch * cfg.eval.classifier_epochs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3,
+                                                total_steps=steps_per_epoch * cfg.eval.classifier_epochs)
     for epoch in range(cfg.eval.classifier_epochs):
         perm = torch.randperm(n, generator=generator(cfg.seed, "classifier-epoch", epoch))
         for s in range(steps_per_epoch):
@@ -72,10 +75,10 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
 
 
 @torch.no_grad()
-def classify(model: Classifier, x_N1HW: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
+def classify(model: Classifier, x_B1HW: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
     preds = []
-    for i in range(0, x_N1HW.shape[0], batch):
-        preds.append(model(x_N1HW[i:i + batch].to(device).float()).argmax(1).cpu())
+    for i in range(0, x_B1HW.shape[0], batch):
+        preds.append(model(x_B1HW[i:i + batch].to(device).float()).argmax(1).cpu())
     return torch.cat(preds)
 
 
@@ -83,33 +86,33 @@ def classify(model: Classifier, x_N1HW: torch.Tensor, device: torch.device, batc
 
 
 @torch.no_grad()
-def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_N1HW: torch.Tensor, plan: ShardPlan,
-                  d: Dist, cfg: Config, keep_outputs: bool = True) -> dict:
+def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_B1HW: torch.Tensor, plan: ShardPlan,
+                  dist: Dist, cfg: Config, keep_outputs: bool = True) -> dict:
     """Score every expert on ``x`` (eval mode), settle winners, assemble the winners' outputs.
 
-    Returns ``scores`` [N, N'] (logits), ``winners`` [N], and on rank 0 ``restored`` [N, 1, H, W].
+    Returns ``scores`` [B, N] (logits), ``winners`` [B], and on rank 0 ``restored`` [B, 1, H, W].
     """
     experts.bank.eval()
     disc_module.eval()
-    amp = autocast(d.device, cfg.train.precision)
-    E, first = experts.num, plan.starts[d.rank]
+    amp = autocast(dist.device, cfg.train.precision)
+    E, first = experts.num, plan.starts[dist.rank]
     scores, winners, restored = [], [], []
-    for i in range(0, x_N1HW.shape[0], cfg.eval.batch_size):
-        xb = x_N1HW[i:i + cfg.eval.batch_size].to(d.device)
+    for i in range(0, x_B1HW.shape[0], cfg.eval.batch_size):
+        xb = x_B1HW[i:i + cfg.eval.batch_size].to(dist.device)
         B, _, H, W = xb.shape
         with amp:
             out = experts.bank(experts.expand_input(xb)).float()  # [B, E, H, W]
             logits = disc_module(out.reshape(B * E, 1, H, W)).float().view(B, E)
-        s = d.gather_scores(logits, plan)
+        s = dist.gather_scores(logits, plan)
         w = settle_winners(s)
         if keep_outputs:
             local = w - first
             mine = (local >= 0) & (local < E)
-            mixed = torch.zeros(B, 1, H, W, device=d.device)
+            mixed = torch.zeros(B, 1, H, W, device=dist.device)
             rows = torch.nonzero(mine).squeeze(1)
             mixed[rows, 0] = out[rows, local[mine]]
             # Each example's winner lives on exactly one rank: a sum assembles the winners' outputs.
-            d.all_reduce_sum(mixed)
+            dist.all_reduce_sum(mixed)
             restored.append(mixed.cpu())
         scores.append(s.cpu())
         winners.append(w.cpu())
@@ -121,37 +124,37 @@ def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_N1HW: t
     return out
 
 
-def win_matrix(winners_N: torch.Tensor, mech_N: torch.Tensor, num_mech: int, num_experts: int) -> torch.Tensor:
-    """[M, N']: the fraction of each mechanism's examples won by each expert (Figure 5)."""
+def win_matrix(winners_B: torch.Tensor, mech_B: torch.Tensor, num_mech: int, num_experts: int) -> torch.Tensor:
+    """[M, N]: the fraction of each mechanism's examples won by each expert (Figure 5)."""
     counts = torch.zeros(num_mech, num_experts)
-    counts.index_put_((mech_N, winners_N), torch.ones(len(winners_N)), accumulate=True)
+    counts.index_put_((mech_B, winners_B), torch.ones(len(winners_B)), accumulate=True)
     return counts / counts.sum(1, keepdim=True).clamp(min=1)
 
 
-def mean_scores(scores_NE: torch.Tensor, mech_N: torch.Tensor, num_mech: int) -> torch.Tensor:
-    """[M, N']: each expert's mean D score (probability) on each mechanism's examples (Figure 4)."""
-    p = torch.sigmoid(scores_NE.float())
+def mean_scores(scores_BN: torch.Tensor, mech_B: torch.Tensor, num_mech: int) -> torch.Tensor:
+    """[M, N]: each expert's mean D score (probability) on each mechanism's examples (Figure 4)."""
+    p = torch.sigmoid(scores_BN.float())
     out = torch.zeros(num_mech, p.shape[1])
     cnt = torch.zeros(num_mech, 1)
-    out.index_add_(0, mech_N, p)
-    cnt.index_add_(0, mech_N, torch.ones(len(mech_N), 1))
+    out.index_add_(0, mech_B, p)
+    cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
     return out / cnt.clamp(min=1)
 
 
-def specialization(wm_ME: torch.Tensor, names: list[str], threshold: float) -> dict:
+def specialization(wm_MN: torch.Tensor, names: list[str], threshold: float) -> dict:
     """Which expert captured each mechanism.
 
     A mechanism is captured by expert e when e wins at least ``threshold`` of its examples and e is
     the top winner of no other mechanism (so one expert that wins two mechanisms captures neither).
     """
-    M, N = wm_ME.shape
-    top = wm_ME.argmax(1)
+    M, N = wm_MN.shape
+    top = wm_MN.argmax(1)
     captured = {}
     for m, name in enumerate(names):
         e = int(top[m])
         others = [k for k in range(M) if k != m and int(top[k]) == e]
-        captured[name] = e if float(wm_ME[m, e]) >= threshold and not others else None
-    won_any = (wm_ME.sum(0) > 0).tolist()
+        captured[name] = e if float(wm_MN[m, e]) >= threshold and not others else None
+    won_any = (wm_MN.sum(0) > 0).tolist()
     return {
         "captured": captured,
         "mechanisms_captured": sum(v is not None for v in captured.values()),
@@ -159,7 +162,7 @@ def specialization(wm_ME: torch.Tensor, names: list[str], threshold: float) -> d
     }
 
 
-def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, plan: ShardPlan, d: Dist, cfg: Config,
+def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, plan: ShardPlan, dist: Dist, cfg: Config,
              n: int, fixed: dict | None = None) -> dict | None:
     """Evaluate on the first ``n`` transformed test digits. Returns the metrics on rank 0, None elsewhere.
 
@@ -169,18 +172,18 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
     """
     x, clean = proto.test_x[:n], proto.test_clean[:n]
     mech, labels = proto.test_mech[:n], proto.test_labels[:n]
-    res = run_committee(experts, disc_module, x, plan, d, cfg)
-    if not d.is_main:
+    res = run_committee(experts, disc_module, x, plan, dist, cfg)
+    if not dist.is_main:
         return None
     M, N = len(proto.mechanisms), plan.num_experts
     wm = win_matrix(res["winners"], mech, M, N)
     fixed = {} if fixed is None else fixed
     if n not in fixed:
-        fixed[n] = {"transformed": classify(classifier, x, d.device) == labels,
-                    "original": classify(classifier, clean, d.device) == labels}
+        fixed[n] = {"transformed": classify(classifier, x, dist.device) == labels,
+                    "original": classify(classifier, clean, dist.device) == labels}
     right = {
         "transformed": fixed[n]["transformed"],
-        "restored": classify(classifier, res["restored"], d.device) == labels,
+        "restored": classify(classifier, res["restored"], dist.device) == labels,
         "original": fixed[n]["original"],
     }
     acc = {k: float(v.float().mean()) for k, v in right.items()}
@@ -198,4 +201,14 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
         "winners": res["winners"],
         "restored": res["restored"],
         **spec,
+    }
+
+
+def eval_metrics(ev: dict) -> dict:
+    """The metrics an evaluation adds to the history (and to wandb)."""
+    return {
+        "eval/accuracy/transformed": ev["accuracy"]["transformed"],
+        "eval/accuracy/restored": ev["accuracy"]["restored"],
+        "eval/accuracy/original": ev["accuracy"]["original"],
+        "eval/mechanisms_captured": ev["mechanisms_captured"],
     }

@@ -11,17 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
-def win_matrix_png(wm_ME: torch.Tensor, names: list[str], path: Path, title: str = "") -> Path:
+def win_matrix_png(wm_MN: torch.Tensor, names: list[str], path: Path, title: str = "") -> Path:
     """Figure 5: the fraction of each mechanism's test digits won by each expert."""
-    M, N = wm_ME.shape
+    M, N = wm_MN.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.45 * N, 1.0 + 0.4 * M))
-    im = ax.imshow(wm_ME.numpy(), vmin=0, vmax=1, cmap="viridis")
+    im = ax.imshow(wm_MN.numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(N))
     ax.set_yticks(range(M), names)
     ax.set_xlabel("expert")
     for m in range(M):
         for e in range(N):
-            v = float(wm_ME[m, e])
+            v = float(wm_MN[m, e])
             if v >= 0.05:
                 ax.text(e, m, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
                         color="black" if v > 0.5 else "white")
@@ -33,18 +33,18 @@ def win_matrix_png(wm_ME: torch.Tensor, names: list[str], path: Path, title: str
     return path
 
 
-def samples_png(inputs_N1HW: torch.Tensor, outputs_N1HW: torch.Tensor, winners_N: torch.Tensor, path: Path,
+def samples_png(inputs_B1HW: torch.Tensor, outputs_B1HW: torch.Tensor, winners_B: torch.Tensor, path: Path,
                 n: int = 16) -> Path:
     """Figure 3: transformed inputs (top) and the winning experts' outputs (bottom)."""
-    n = min(n, inputs_N1HW.shape[0])
+    n = min(n, inputs_B1HW.shape[0])
     fig, axes = plt.subplots(2, n, figsize=(n * 0.8, 1.9))
     for i in range(n):
-        for row, img in enumerate((inputs_N1HW[i, 0], outputs_N1HW[i, 0])):
+        for row, img in enumerate((inputs_B1HW[i, 0], outputs_B1HW[i, 0])):
             ax = axes[row, i] if n > 1 else axes[row]
             ax.imshow(img.float().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-        (axes[1, i] if n > 1 else axes[1]).set_xlabel(f"E{int(winners_N[i])}", fontsize=7)
+        (axes[1, i] if n > 1 else axes[1]).set_xlabel(f"E{int(winners_B[i])}", fontsize=7)
     fig.suptitle("inputs (top) and winning experts' outputs (bottom)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,3 +111,25 @@ def accuracy_png(rows: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def final_pngs(ev: dict, test_x_B1HW: torch.Tensor, names: list[str], num_experts: int, rows: list[dict],
+               fig_dir: Path) -> list[Path]:
+    """The figures of a finished run: Figures 3, 4, 5 and 6 from the final evaluation and the metrics."""
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = [
+        win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix.png"),
+        samples_png(test_x_B1HW, ev["restored"], ev["winners"], fig_dir / "samples.png"),
+        scores_png(rows, names, num_experts, fig_dir / "scores.png"),
+        accuracy_png(rows, fig_dir / "accuracy.png"),
+    ]
+    return [p for p in paths if p is not None]
+
+
+def latest_pngs(ev: dict, test_x_B1HW: torch.Tensor, names: list[str], fig_dir: Path, iteration: int) -> dict:
+    """The win matrix and samples of a periodic evaluation, by wandb key."""
+    return {
+        "figures/win_matrix": win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix_latest.png",
+                                             title=f"iteration {iteration}"),
+        "figures/samples": samples_png(test_x_B1HW, ev["restored"], ev["winners"], fig_dir / "samples_latest.png"),
+    }

@@ -2,7 +2,7 @@
 
 ``Expert`` is the plain nn.Module that a user reuses on its own (one checkpoint file is one
 Expert). ``ExpertBank`` holds a rank's block of experts as one module of grouped convolutions:
-expert ``j`` of the bank owns output channels ``[j*W, (j+1)*W)`` of every layer, and BatchNorm
+expert ``j`` of the bank owns output channels ``[j*width, (j+1)*width)`` of every layer, and BatchNorm
 statistics are per channel, so the bank computes exactly what ``E`` separate experts would, in
 one kernel per layer. Parameter names are shared: ``bank.expert_state(j)`` is a state dict that
 ``Expert.load_state_dict`` takes as it is.
@@ -19,8 +19,8 @@ from .rng import seeded
 
 
 class _ELU(torch.autograd.Function):
-    """ELU from exp and clamps: on CPUs, ``F.elu`` in bf16 runs a slow scalar expm1 (about 6x slower
-    here, measured in bench/step.py's history); this form vectorizes. ``elu(x) = (exp(min(x,0)) - 1) +
+    """ELU from exp and clamps: on CPUs, ``F.elu`` in bf16 runs a slow scalar expm1 (docs/performance.md);
+    this form vectorizes. ``elu(x) = (exp(min(x,0)) - 1) +
     max(x,0)`` and its derivative is ``exp(min(x,0))``, which is all backward needs to keep."""
 
     @staticmethod
@@ -59,6 +59,23 @@ def _resampling(cfg: ExpertConfig) -> tuple[set, set]:
     return pools, ups
 
 
+def run_blocks(cfg: ExpertConfig, h: torch.Tensor, conv, norm, act) -> torch.Tensor:
+    """The expert's hidden blocks, ``depth`` x (upsample?, 3x3 conv, norm, activation, pool?).
+
+    ``conv(i, h)`` and ``norm(i, h)`` compute layer ``i``: the one loop serves a lone ``Expert``, the
+    batched ``ExpertBank`` and one expert of the bank (:meth:`ExpertBank.forward_one`), so the three
+    cannot disagree about the architecture.
+    """
+    pools, ups = _resampling(cfg)
+    for i in range(cfg.depth):
+        if i in ups:
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        h = act(norm(i, conv(i, h)))
+        if i in pools:
+            h = F.avg_pool2d(h, 2)
+    return h
+
+
 class Expert(nn.Module):
     """One expert: ``depth`` x (3x3 conv, BatchNorm, ELU), then a 3x3 conv to one channel and a sigmoid.
 
@@ -71,19 +88,13 @@ class Expert(nn.Module):
         self.cfg = cfg
         chans = [1] + [cfg.width] * cfg.depth
         # Convolutions before BatchNorm carry no bias: BN's shift makes it redundant.
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False) for i in range(cfg.depth))
+        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False)
+                                   for i in range(cfg.depth))
         self.norms = nn.ModuleList(nn.BatchNorm2d(cfg.width) for _ in range(cfg.depth))
         self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        pools, ups = _resampling(self.cfg)
-        h = x_B1HW
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            h = F.elu(norm(conv(h)))
-            if i in pools:
-                h = F.avg_pool2d(h, 2)
+        h = run_blocks(self.cfg, x_B1HW, lambda i, h: self.convs[i](h), lambda i, h: self.norms[i](h), F.elu)
         return torch.sigmoid(self.out(h))
 
 
@@ -104,12 +115,13 @@ class ExpertBank(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.ids = list(ids)
-        E, W = len(ids), cfg.width
+        E, width = len(ids), cfg.width
         self.num = E
         self.convs = nn.ModuleList(
-            nn.Conv2d(E * (1 if i == 0 else W), E * W, 3, padding=1, bias=False, groups=E) for i in range(cfg.depth))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(E * W) for _ in range(cfg.depth))
-        self.out = nn.Conv2d(E * W, E, 3, padding=1, groups=E)
+            nn.Conv2d(E * (1 if i == 0 else width), E * width, 3, padding=1, bias=False, groups=E)
+            for i in range(cfg.depth))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(E * width) for _ in range(cfg.depth))
+        self.out = nn.Conv2d(E * width, E, 3, padding=1, groups=E)
         self._template = {k: v.shape for k, v in Expert(cfg).state_dict().items()}
 
     @classmethod
@@ -127,24 +139,19 @@ class ExpertBank(nn.Module):
         appends each layer's ``(mean, invstd)`` to the list, so that :meth:`forward_one` can later
         reproduce exactly these outputs for a subset of the examples.
         """
-        pools, ups = _resampling(self.cfg)
-        h = x_BEHW
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            h = conv(h)
-            if collect_stats is not None and self.training:
-                # The stock BatchNorm kernel (running statistics updated as nn.BatchNorm2d does), asked
-                # for the batch mean and inverse std it used, so forward_one can reuse them exactly.
-                h, mean, invstd = torch.native_batch_norm(h, norm.weight, norm.bias, norm.running_mean,
-                                                          norm.running_var, True, norm.momentum, norm.eps)
-                norm.num_batches_tracked += 1
-                collect_stats.append((mean.float(), invstd.float()))
-            else:
-                h = norm(h)
-            h = fast_elu(h)
-            if i in pools:
-                h = F.avg_pool2d(h, 2)
+        def norm(i, h):
+            bn = self.norms[i]
+            if collect_stats is None or not self.training:
+                return bn(h)
+            # The stock BatchNorm kernel (running statistics updated as nn.BatchNorm2d does), asked
+            # for the batch mean and inverse std it used, so forward_one can reuse them exactly.
+            h, mean, invstd = torch.native_batch_norm(h, bn.weight, bn.bias, bn.running_mean, bn.running_var, True,
+                                                      bn.momentum, bn.eps)
+            bn.num_batches_tracked += 1
+            collect_stats.append((mean.float(), invstd.float()))
+            return h
+
+        h = run_blocks(self.cfg, x_BEHW, lambda i, h: self.convs[i](h), norm, fast_elu)
         return torch.sigmoid(self.out(h))
 
     def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:
@@ -153,23 +160,21 @@ class ExpertBank(nn.Module):
         The statistics are constants here (no gradient flows through them), so an example's output is
         the one it had in the full pass, and the backward touches only the examples passed in.
         """
-        E, W = self.num, self.cfg.width
-        pools, ups = _resampling(self.cfg)
-        h = x_B1HW
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if i in ups:
-                h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+        E, width = self.num, self.cfg.width
+        sl = slice(j * width, (j + 1) * width)
+
+        def conv(i, h):
             # A slice of a channels_last weight is not contiguous in any format some conv kernels
             # accept for grad_weight: copy the (small) slice, which autograd routes back to the bank.
-            w = conv.weight.unflatten(0, (E, -1))[j].contiguous()
-            h = F.conv2d(h, w, padding=1)
-            sl = slice(j * W, (j + 1) * W)
+            return F.conv2d(h, self.convs[i].weight.unflatten(0, (E, -1))[j].contiguous(), padding=1)
+
+        def norm(i, h):
             mean, invstd = stats[i]
-            scale = (invstd[sl] * norm.weight[sl]).view(1, W, 1, 1)
-            h = (h - mean[sl].view(1, W, 1, 1)) * scale + norm.bias[sl].view(1, W, 1, 1)
-            h = fast_elu(h)
-            if i in pools:
-                h = F.avg_pool2d(h, 2)
+            bn = self.norms[i]
+            scale = (invstd[sl] * bn.weight[sl]).view(1, width, 1, 1)
+            return (h - mean[sl].view(1, width, 1, 1)) * scale + bn.bias[sl].view(1, width, 1, 1)
+
+        h = run_blocks(self.cfg, x_B1HW, conv, norm, fast_elu)
         w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()
         return torch.sigmoid(F.conv2d(h, w, self.out.bias[j:j + 1], padding=1))
 
@@ -200,7 +205,7 @@ class ExpertBank(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 if k.endswith("num_batches_tracked"):
-                    getattr(self.norms[int(k.split(".")[1])], "num_batches_tracked").copy_(v)
+                    self.norms[int(k.split(".")[1])].num_batches_tracked.copy_(v)
                     continue
                 if tuple(v.shape) != tuple(self._template[k]):
                     raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs "
@@ -225,14 +230,16 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = []
         cin = 1
         for w in cfg.widths:
-            layers += [nn.Conv2d(cin, w, 3, padding=1), FastELU(), nn.Conv2d(w, w, 3, padding=1), FastELU(), nn.AvgPool2d(2)]
+            layers += [nn.Conv2d(cin, w, 3, padding=1), FastELU(), nn.Conv2d(w, w, 3, padding=1), FastELU(),
+                       nn.AvgPool2d(2)]
             cin = w
         self.features = nn.Sequential(*layers)
         side = image_size // 2 ** len(cfg.widths)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.hidden), FastELU(), nn.Linear(cfg.hidden, 1))
+        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.hidden), FastELU(),
+                                nn.Linear(cfg.hidden, 1))
 
-    def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
-        h = self.features(x_N1HW)
+    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        h = self.features(x_B1HW)
         # The head runs in fp32 even under bf16 autocast: the logits decide every winner, and bf16's
         # 8-bit mantissa would turn near-equal scores into exact ties (all going to the lowest id).
         with torch.autocast(h.device.type, enabled=False):
@@ -255,8 +262,8 @@ class Classifier(nn.Module):
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
 
-    def forward(self, x_N1HW: torch.Tensor) -> torch.Tensor:
-        return self.net(x_N1HW)
+    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        return self.net(x_B1HW)
 
 
 def num_params(module: nn.Module) -> int:

@@ -1,4 +1,4 @@
-"""Metric sinks: a local JSONL file always, wandb when asked, nothing on other ranks.
+"""Metric sinks: the run's metrics history always, wandb when asked, nothing on other ranks.
 
 Metrics are gathered to rank 0 by the trainer before they get here; every other rank holds a
 :class:`NullTracker`, so logging calls need no ``if rank == 0`` around them, and only rank 0 ever
@@ -15,7 +15,6 @@ experiment share.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,7 +27,8 @@ import torch
 
 from .config import Config, experiment_hash, to_dict
 from .errors import IcmError
-from .utils import flatten, read_metrics
+from .rundir import MetricsLog, RunDir
+from .utils import flatten
 
 
 def _jsonable(v: Any):
@@ -46,6 +46,10 @@ def _jsonable(v: Any):
 class NullTracker:
     """The tracker of every rank but 0: accepts everything, writes nothing."""
 
+    @property
+    def rows(self) -> list[dict]:
+        return []
+
     def log(self, metrics: dict, step: int) -> None:
         pass
 
@@ -56,6 +60,9 @@ class NullTracker:
         pass
 
     def log_charts(self, step: int) -> None:
+        pass
+
+    def log_win_matrix(self, wm_MN, names: list[str], step: int) -> None:
         pass
 
     def summary(self, values: dict) -> None:
@@ -119,25 +126,19 @@ _CHARTS = (
 
 
 class Tracker(NullTracker):
-    """Rank 0's tracker: appends to ``metrics.jsonl`` and mirrors to wandb unless disabled."""
+    """Rank 0's tracker: appends to the run's :class:`MetricsLog` and mirrors to wandb unless disabled."""
 
-    def __init__(self, cfg: Config, out_dir: Path, resume: bool = False):
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # The rows the curves of log_charts are drawn from; on resume the trainer has already cut
-        # metrics.jsonl back to the checkpoint, so what is left there is the history so far.
-        self.history: list[dict] = []
-        if resume and self.path.is_file():
-            for row in read_metrics(self.path):
-                self._remember(row)
-        self.file = open(self.path, "a" if resume else "w")
+    def __init__(self, cfg: Config, metrics: MetricsLog, resume: bool = False):
+        self.metrics = metrics  # on resume, already cut back to the checkpoint: the history so far
+        out_dir = Path(cfg.run.out_dir)
         self.wandb = None
         self.mode = resolve_wandb_mode(cfg.tracking.wandb.mode)
         if self.mode != "disabled":
             try:
                 import wandb
             except ImportError as e:
-                raise TrackingError(f"wandb is not importable ({e}); install it or set tracking.wandb.mode=disabled") from None
+                raise TrackingError(f"wandb is not importable ({e}); install it or set "
+                                    "tracking.wandb.mode=disabled") from None
 
             drop_inherited_wandb_service()
             w = cfg.tracking.wandb
@@ -150,7 +151,7 @@ class Tracker(NullTracker):
                     settings=wandb.Settings(console="off", x_disable_stats=True),
                 )
             except Exception as e:  # wandb raises many types (auth, network, usage); all mean the same here
-                self.file.close()
+                self.metrics.close()
                 raise TrackingError(
                     f"wandb.init failed in mode {self.mode!r}: {type(e).__name__}: {e}; log in with `wandb login`, "
                     "or train with tracking.wandb.mode=offline (and `wandb sync` later) or disabled") from None
@@ -163,16 +164,12 @@ class Tracker(NullTracker):
                 self.wandb.define_metric(f"identity/mse/e{e}", step_metric="identity/step")
             self.wandb.define_metric("*", step_metric="iteration")
 
-    def _remember(self, row: dict) -> None:
-        keep = {k: v for k, v in row.items() if v is not None and any(rx.match(k) for rx, _, _ in _CHARTS)}
-        if keep:
-            self.history.append({"iteration": row.get("iteration", 0), **keep})
+    @property
+    def rows(self) -> list[dict]:
+        return self.metrics.rows
 
     def log(self, metrics: dict, step: int) -> None:
-        row = {"iteration": step, **_jsonable(metrics)}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self._remember(row)
+        self.metrics.append({"iteration": step, **_jsonable(metrics)})
         if self.wandb is not None:
             self.wandb.log({"iteration": step, **{k: v for k, v in flatten(metrics, sep="/").items() if v is not None}})
 
@@ -187,6 +184,11 @@ class Tracker(NullTracker):
             import wandb
 
             self.wandb.log({"iteration": step, name: wandb.Table(columns=columns, data=rows)})
+
+    def log_win_matrix(self, wm_MN, names: list[str], step: int) -> None:
+        """The win matrix as a wandb table: one row per mechanism, one column per expert."""
+        rows = [[names[m]] + [round(float(v), 4) for v in wm_MN[m]] for m in range(len(names))]
+        self.log_table("win_matrix_table", ["mechanism"] + [f"e{e}" for e in range(wm_MN.shape[1])], rows, step)
 
     def log_charts(self, step: int) -> None:
         """One line chart per mechanism with every expert's mean D score on it (Figure 4), and one with
@@ -205,8 +207,10 @@ class Tracker(NullTracker):
 
         series: dict[str, dict[str, list]] = {}
         titles: dict[str, str] = {}
-        for row in self.history:
+        for row in self.metrics.rows:
             for k, v in row.items():
+                if v is None:
+                    continue
                 for rx, key_fmt, title_fmt in _CHARTS:
                     m = rx.match(k)
                     if m:
@@ -214,7 +218,7 @@ class Tracker(NullTracker):
                         chart = key_fmt.format(arg)
                         titles[chart] = title_fmt.format(arg)
                         line = f"E{m.group(2)}" if m.groups() and m.lastindex >= 2 else k.rsplit("/", 1)[-1]
-                        series.setdefault(chart, {}).setdefault(line, []).append((row["iteration"], v))
+                        series.setdefault(chart, {}).setdefault(line, []).append((row.get("iteration", 0), v))
                         break
         charts = {}
         for chart, lines in series.items():
@@ -231,7 +235,7 @@ class Tracker(NullTracker):
                 self.wandb.summary[k] = v
 
     def finish(self) -> None:
-        self.file.close()
+        self.metrics.close()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -256,7 +260,7 @@ def drop_inherited_wandb_service() -> None:
 
 def _run_id(out_dir: Path, resume: bool) -> str:
     """A wandb run id stored in the run directory, so a resumed run continues the same wandb run."""
-    p = Path(out_dir) / "wandb_run_id"
+    p = RunDir(out_dir).wandb_run_id_file
     if resume and p.is_file():
         return p.read_text().strip()
     # wandb's own id helper moved between releases; its format (8 lowercase letters and digits) is simple.
@@ -265,5 +269,6 @@ def _run_id(out_dir: Path, resume: bool) -> str:
     return rid
 
 
-def make_tracker(cfg: Config, is_main: bool, resume: bool = False):
-    return Tracker(cfg, Path(cfg.run.out_dir), resume=resume) if is_main else NullTracker()
+def make_tracker(cfg: Config, metrics: MetricsLog | None, resume: bool = False):
+    """Rank 0 (the rank that holds the run's ``metrics``) gets a Tracker; every other rank a NullTracker."""
+    return Tracker(cfg, metrics, resume=resume) if metrics is not None else NullTracker()

@@ -1,263 +1,356 @@
-"""The training loop, top to bottom: set-up, identity init, Algorithm 1, evaluation, checkpoints, logging.
+"""The trainer: set-up, identity init, Algorithm 1, evaluation, checkpoints, the summary.
 
-The same function runs one process or many: the shard plan gives each rank its block of experts,
-and world size 1 is simply one block.
+The same object runs one process or many: the shard plan gives each rank its block of experts, and
+world size 1 is simply one block. :meth:`Trainer.run` is the whole loop on one screen; each of its
+steps is a short method below it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
 from . import figures
-from .competition import LocalExperts, competition_step, copy_expert, identity_init
-from .config import Config, config_hash, dump_yaml
-from .data.protocol import build_protocol
+from .config import Config, config_hash
 from .data.mnist import load_mnist
+from .data.protocol import build_protocol
+from .dist import Dist, ShardPlan, init_distributed
 from .errors import CheckpointError, TrainingError
-from .evaluate import evaluate, train_classifier
+from .evaluate import eval_metrics, evaluate, train_classifier
+from .experts import LocalExperts, copy_expert
+from .identity import identity_init
 from .models import make_discriminator
-from .parallel import Dist, ShardPlan, init_distributed, plan_splits
 from .rng import sample_indices
+from .routing import plan_splits
+from .rundir import RunDir
+from .step import StepResult, competition_step
 from .tracking import make_tracker
-from .utils import read_metrics
+
+# ----------------------------------------------------------------------------- state
 
 
-def _resolve_resume(cfg: Config, d: Dist, log) -> Path | None:
-    """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
-    choice, error = None, None
-    if d.is_main:
-        try:  # resume=auto, a path, or a torchrun restart (which resumes as auto): see checkpoint.resolve_resume
-            choice = ckpt_lib.resolve_resume(cfg, log=log)
-        except CheckpointError as e:
-            error = str(e)
-    choice, error = d.broadcast_object((str(choice) if choice else None, error))
-    if error:
-        raise CheckpointError(error)
-    return Path(choice) if choice else None
+@dataclass
+class Division:
+    """After a split: until iteration ``until``, ``copy`` takes half of what ``donor`` would win."""
+
+    donor: int
+    copy: int
+    until: int
 
 
-def _truncate_metrics(path: Path, iteration: int, saved: list | None = None) -> list[dict]:
-    """On resume, drop metric rows written after the checkpoint (the resumed run writes them again).
-    Resuming into a new run.out_dir starts its metrics.jsonl from the rows the checkpoint carries."""
-    if not path.is_file():
-        rows = [r for r in (saved if isinstance(saved, list) else []) if isinstance(r, dict)]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return rows
-    # read_metrics skips a last line cut short by the crash being resumed from.
-    rows = [r for r in read_metrics(path) if r.get("iteration", 0) <= iteration]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+@dataclass
+class SplitState:
+    """The splits' bookkeeping: wins since the last check, divisions under way, every split so far."""
+
+    wins: list[int]
+    active: list[Division] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list)
 
 
-def train(cfg: Config) -> dict | None:
-    """Run the whole experiment. Returns the summary on rank 0 (None on other ranks)."""
-    d = init_distributed(cfg)
-    try:
-        return _train(cfg, d)
-    finally:
-        d.close()
+@dataclass
+class TrainerState:
+    """What a checkpoint must carry besides tensors for a resumed run to continue exactly."""
+
+    split: SplitState
+    stable_evals: int = 0  # evaluations in a row whose probe winners did not change
+    last_probe_winners: list[int] | None = None
+    identity: dict | None = None  # identity init's steps, final MSE and seconds per expert
+
+    def to_json(self) -> dict:
+        return {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
+                "identity": self.identity,
+                "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
+                          "log": self.split.log}}
+
+    @classmethod
+    def from_json(cls, d: dict, num_experts: int) -> "TrainerState":
+        s = d.get("split") or {"wins": [0] * num_experts, "active": [], "log": []}
+        split = SplitState(list(s["wins"]), [Division(*a) for a in s["active"]], list(s["log"]))
+        return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"))
 
 
-def _train(cfg: Config, d: Dist) -> dict | None:
-    t_start = time.time()
-    log = print if d.is_main else (lambda *a, **k: None)
-    plan = ShardPlan(cfg.expert.num, d.world_size)  # more ranks than experts stops here, on every rank
-    out = Path(cfg.run.out_dir)
-    names = list(cfg.data.mechanisms)
-    M, N, B, T = len(names), cfg.expert.num, cfg.train.batch_size, cfg.train.iterations
+class MetricWindow:
+    """What the training metrics average over: the steps since the last logged iteration."""
 
-    # Data: rank 0 may have to build the safetensors cache; the others wait and then read it.
-    if d.is_main:
-        mnist = load_mnist(cfg.data.root, cfg.data.source)
-    d.barrier()
-    if not d.is_main:
-        mnist = load_mnist(cfg.data.root, cfg.data.source)
-    proto = build_protocol(cfg, mnist)
-    fake_x = proto.transformed_x.to(d.device)
-    real_x = proto.canonical_x.to(d.device)
-    fake_mech = proto.transformed_mech
+    def __init__(self, num_mech: int, num_experts: int):
+        self.num_mech, self.num_experts = num_mech, num_experts
+        self.reset()
 
-    experts = LocalExperts(cfg, list(plan.block(d.rank)), d.device)
-    disc_module = make_discriminator(cfg).to(d.device)
-    if cfg.train.channels_last:
-        disc_module = disc_module.to(memory_format=torch.channels_last)
-    d_opt = torch.optim.Adam(disc_module.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
-                             eps=cfg.train.eps)
-    disc = d.wrap_discriminator(disc_module)
+    def reset(self) -> None:
+        self.win_counts = torch.zeros(self.num_experts)
+        self.score_sum = torch.zeros(self.num_mech, self.num_experts)
+        self.score_cnt = torch.zeros(self.num_mech, 1)
+        self.t0, self.steps = time.time(), 0
 
-    resume_from = _resolve_resume(cfg, d, log)
-    start, state = 0, {"stable_evals": 0, "last_probe_winners": None, "identity": None}
-    if resume_from is not None:
-        manifest = ckpt_lib.load_into(resume_from, cfg, experts, disc_module, d_opt)
-        start, state = manifest["iteration"], manifest["trainer_state"]
+    def add(self, res: StepResult, mech_B: torch.Tensor) -> None:
+        self.steps += 1
+        self.win_counts += torch.bincount(res.winners_B.cpu(), minlength=self.win_counts.shape[0]).float()
+        self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
+        self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
-    rows: list[dict] = []
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "figures").mkdir(exist_ok=True)
-        (out / "config.yaml").write_text(dump_yaml(cfg))
-        rows = _truncate_metrics(out / "metrics.jsonl", start, manifest.get("metrics")) if resume_from else []
-        log(f"icm-dist: launcher {d.launcher}, world size {d.world_size}, experts per rank {plan.sizes}, device {d.device}, "
-            f"config {config_hash(cfg)}, out_dir {out}")
-    tracker = make_tracker(cfg, d.is_main, resume=resume_from is not None)
-    classifier = train_classifier(cfg, proto, d.device, log=log) if d.is_main else None
-    fixed_verdicts: dict = {}  # the classifier on the transformed and original probe digits, computed once
+    def metrics(self, names: list[str]) -> dict:
+        """Speed, win shares and each expert's mean D score per mechanism; then starts a new window."""
+        elapsed = time.time() - self.t0
+        N = self.num_experts
+        out = {"iter_per_s": self.steps / max(elapsed, 1e-9), "step_ms": 1000 * elapsed / max(self.steps, 1),
+               **{f"win_share/e{e}": float(v) for e, v in enumerate(self.win_counts / self.win_counts.sum())}}
+        avg = self.score_sum / self.score_cnt.clamp(min=1)
+        for m, name in enumerate(names):
+            if self.score_cnt[m] > 0:
+                out.update({f"score/{name}/e{e}": float(avg[m, e]) for e in range(N)})
+        self.reset()
+        return out
 
-    try:
-        if resume_from is None and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
-            t0 = time.time()
 
-            def on_id_step(step, mse_E):
-                if (step + 1) % max(1, cfg.identity_init.max_steps // 25) == 0:  # ~25 points of progress
-                    # Rank 0 reports its own experts' progress; the final numbers cover all ranks.
-                    tracker.log({"identity/step": step + 1,
-                                 **{f"identity/mse/e{g}": float(v) for g, v in zip(experts.ids, mse_E)}}, 0)
+# ----------------------------------------------------------------------------- the trainer
 
-            st = identity_init(experts, fake_x, cfg, d.device, on_step=on_id_step)
-            gathered = d.all_gather_object(st)
-            steps = [s for g in gathered for s in g["steps"]]
-            mses = [m for g in gathered for m in g["mse"]]
-            state["identity"] = {"steps": steps, "mse": mses, "seconds": time.time() - t0}
-            log(f"identity init: {time.time() - t0:.1f}s, steps per expert {steps}")
-            tracker.log({"identity/seconds": time.time() - t0, "identity/max_steps_used": max(steps),
-                         **{f"identity/final_mse/e{e}": m for e, m in enumerate(mses)}}, 0)
 
-        progress = None
-        if d.is_main and cfg.run.progress:
-            from tqdm import tqdm
+class Trainer:
+    """One training run on this rank. ``after_iteration`` callbacks get ``(trainer, iteration)``."""
 
-            progress = tqdm(total=T, initial=start, desc="train", dynamic_ncols=True)
-        win_counts = torch.zeros(N)
-        # Splits (train.split_every): the wins since the last check, the divisions under way and a log of
-        # every split. Kept in the trainer state so that a resumed run splits exactly as an unbroken one.
-        split = state.setdefault("split", {"wins": [0] * N, "active": [], "log": []})
+    def __init__(self, cfg: Config, dist: Dist, after_iteration: list[Callable] = ()):
+        self.cfg, self.dist, self.after_iteration = cfg, dist, list(after_iteration)
+        self.t_start = time.time()
+        self.log = print if dist.is_main else (lambda *a, **k: None)
+        self.plan = ShardPlan(cfg.expert.num, dist.world_size)  # more ranks than experts stops here, on every rank
+        self.names = list(cfg.data.mechanisms)
+        self.run_dir = RunDir(cfg.run.out_dir)
+        self._setup_data()
+        self._setup_models()
+        self.resumed_from = self._resolve_resume()
+        self.start, self.state = 0, TrainerState(SplitState([0] * cfg.expert.num))
+        manifest = {}
+        if self.resumed_from is not None:
+            manifest = ckpt_lib.load_into(self.resumed_from, cfg, self.experts, self.disc_module, self.disc_opt)
+            self.start = manifest["iteration"]
+            self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
+        metrics_log = None
+        if dist.is_main:
+            self.run_dir.create(cfg)
+            metrics_log = self.run_dir.metrics_log(self.start if self.resumed_from else None, manifest.get("metrics"))
+            self.log(f"icm-dist: launcher {dist.launcher}, world size {dist.world_size}, experts per rank "
+                     f"{self.plan.sizes}, device {dist.device}, config {config_hash(cfg)}, out_dir {self.run_dir}")
+        self.tracker = make_tracker(cfg, metrics_log, resume=self.resumed_from is not None)
+        self.classifier = train_classifier(cfg, self.proto, dist.device, log=self.log) if dist.is_main else None
+        self.fixed_verdicts: dict = {}  # the classifier on the transformed and original probe digits, computed once
         # The premise of a split (an idle expert means another holds two mechanisms) needs N <= M: with
         # more experts than mechanisms idle experts are expected, and a split would only halve a mechanism.
-        splitting = cfg.train.split_every > 0 and N <= M
-        if cfg.train.split_every and not splitting:
-            log(f"splits off: {N} experts for {M} mechanisms (with more experts than mechanisms, idle experts "
-                "are expected)")
-        score_sum = torch.zeros(M, N)
-        score_cnt = torch.zeros(M, 1)
-        t_window, steps_window = time.time(), 0
-        stopped_early = False
-        last_acc = None
-        t = start
-        for t in range(start, T):
-            idx_fake = sample_indices(fake_x.shape[0], B, cfg.seed, "fake-batch", t)
-            idx_real = sample_indices(real_x.shape[0], B, cfg.seed, "real-batch", t)
-            capacity = None
-            if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
-                capacity = math.ceil(cfg.train.capacity_factor * B / N)
-            # _split_experts drops a division once its last step is done, so what is left is under way.
-            divisions = [(donor, copy) for donor, copy, _ in split["active"]]
-            res = competition_step(experts, disc, d_opt, fake_x[idx_fake.to(d.device)], real_x[idx_real.to(d.device)],
-                                   plan, d, capacity=capacity, divisions=divisions)
-            # The score matrix is identical on every rank, so every rank stops at the same step.
-            if not bool(torch.isfinite(res.scores_BN).all()):
-                raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
-                                    f"metrics and checkpoints written so far in {out} are intact; try a lower "
-                                    "learning rate or train.precision=fp32")
-            steps_window += 1
-            mech_B = fake_mech[idx_fake]
-            wins_N = torch.bincount(res.winners_B.cpu(), minlength=N)
-            win_counts += wins_N.float()
-            it = t + 1
-            if splitting:
-                _split_experts(cfg, split, wins_N, it, experts, plan, d, log)
-            score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
-            score_cnt.index_add_(0, mech_B, torch.ones(B, 1))
+        self.splitting = cfg.train.split_every > 0 and cfg.expert.num <= len(self.names)
+        if cfg.train.split_every and not self.splitting:
+            self.log(f"splits off: {cfg.expert.num} experts for {len(self.names)} mechanisms (with more experts "
+                     "than mechanisms, idle experts are expected)")
 
-            if it % cfg.tracking.log_every == 0 or it == T:
-                d_loss = d.all_reduce_sum(res.d_loss_local.clone().float()).item()
-                e_losses = [x for g in d.all_gather_object(res.expert_loss_E.cpu().tolist()) for x in g]
-                elapsed = time.time() - t_window
-                metrics = {
-                    "d_loss": d_loss,
-                    "iter_per_s": steps_window / max(elapsed, 1e-9),
-                    "step_ms": 1000 * elapsed / max(steps_window, 1),
-                    **{f"expert_loss/e{e}": (None if math.isnan(v) else v) for e, v in enumerate(e_losses)},
-                    **{f"win_share/e{e}": float(v) for e, v in enumerate(win_counts / win_counts.sum())},
-                }
-                if splitting:
-                    metrics["splits"] = len(split["log"])
-                avg = score_sum / score_cnt.clamp(min=1)
-                for m, name in enumerate(names):
-                    if score_cnt[m] > 0:
-                        metrics.update({f"score/{name}/e{e}": float(avg[m, e]) for e in range(N)})
-                if d.is_main:
-                    row = {"iteration": it, **metrics}
-                    rows.append(row)
-                tracker.log(metrics, it)
-                win_counts.zero_()
-                score_sum.zero_()
-                score_cnt.zero_()
-                t_window, steps_window = time.time(), 0
+    def _setup_data(self) -> None:
+        # Rank 0 may have to build the safetensors cache; the others wait and then read it.
+        if self.dist.is_main:
+            mnist = load_mnist(self.cfg.data.root, self.cfg.data.source)
+        self.dist.barrier()
+        if not self.dist.is_main:
+            mnist = load_mnist(self.cfg.data.root, self.cfg.data.source)
+        self.proto = build_protocol(self.cfg, mnist)
+        self.fake_x = self.proto.transformed_x.to(self.dist.device)
+        self.real_x = self.proto.canonical_x.to(self.dist.device)
 
-            if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
-                ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.examples, fixed_verdicts)
-                stable = None
-                if d.is_main:
-                    metrics = _eval_metrics(ev)
-                    rows.append({"iteration": it, **metrics})
-                    tracker.log(metrics, it)
-                    last_acc = ev["accuracy"]["restored"]
-                    prev = state["last_probe_winners"]
-                    same = prev is not None and prev == ev["winners"].tolist()
-                    state["stable_evals"] = state["stable_evals"] + 1 if same else 0
-                    state["last_probe_winners"] = ev["winners"].tolist()
-                    if cfg.tracking.figures_every and it % cfg.tracking.figures_every == 0:
-                        _log_figures(tracker, ev, proto, names, out, it)
-                    stable = state["stable_evals"]
-                stable = d.broadcast_object(stable)
-                if cfg.train.stop_when_stable and stable >= cfg.train.stop_when_stable:
-                    log(f"assignments stable for {stable} evaluations: stopping at iteration {it}")
-                    stopped_early = True
+    def _setup_models(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        self.experts = LocalExperts(cfg, list(self.plan.block(dist.rank)), dist.device)
+        self.disc_module = make_discriminator(cfg).to(dist.device)
+        if cfg.train.channels_last:
+            self.disc_module = self.disc_module.to(memory_format=torch.channels_last)
+        self.disc_opt = torch.optim.Adam(self.disc_module.parameters(), lr=cfg.train.lr_discriminator,
+                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+        self.disc = dist.wrap_discriminator(self.disc_module)
+
+    def _resolve_resume(self) -> Path | None:
+        """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
+        choice, error = None, None
+        if self.dist.is_main:
+            try:  # resume=auto, a path, or a torchrun restart (which resumes as auto): see checkpoint.resolve_resume
+                choice = ckpt_lib.resolve_resume(self.cfg, log=self.log)
+            except CheckpointError as e:
+                error = str(e)
+        choice, error = self.dist.broadcast_object((str(choice) if choice else None, error))
+        if error:
+            raise CheckpointError(error)
+        return Path(choice) if choice else None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict | None:
+        """Train to ``train.iterations`` (or an early stop). Returns the summary on rank 0, None elsewhere."""
+        cfg, T = self.cfg, self.cfg.train.iterations
+        try:
+            if self.resumed_from is None and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
+                self.identity_init()
+            progress = tqdm(total=T, initial=self.start, desc="train", dynamic_ncols=True) \
+                if self.dist.is_main and cfg.run.progress else None
+            window = MetricWindow(len(self.names), cfg.expert.num)
+            it, stop = self.start, False
+            for t in range(self.start, T):
+                it = t + 1
+                res, mech_B = self.step(t)
+                window.add(res, mech_B)
+                if self.splitting:
+                    self.split(res, it)
+                if it % cfg.tracking.log_every == 0 or it == T:
+                    self.log_metrics(res, window, it)
+                if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
+                    stop = self.evaluate(it, progress)
+                if progress is not None:
+                    progress.update(1)
+                if cfg.checkpoint.every and it % cfg.checkpoint.every == 0 and it != T and not stop:
+                    self.checkpoint(it)
+                for callback in self.after_iteration:
+                    callback(self, it)
+                if stop:
+                    break
             if progress is not None:
-                progress.update(1)
-                if last_acc is not None:
-                    progress.set_postfix(restored_acc=f"{last_acc:.3f}", refresh=False)
-            if cfg.checkpoint.every and it % cfg.checkpoint.every == 0 and it != T and not stopped_early:
-                ckpt_lib.save_checkpoint(out, it, cfg, experts, disc_module, d_opt, d, plan, state,
-                                         rows, cfg.checkpoint.keep)
-            # TEST HOOK (tests/test_resume_launch.py): on torchrun's first launch, rank ICM_DIST_TEST_KILL_RANK
-            # (default 1) SIGKILLs itself after iteration ICM_DIST_TEST_KILL_AT, so the test can watch torchrun
-            # restart the group and resume.
-            if (os.environ.get("ICM_DIST_TEST_KILL_AT") == str(it) and ckpt_lib.restart_count() == 0
-                    and str(d.rank) == os.environ.get("ICM_DIST_TEST_KILL_RANK", "1")):
-                print(f"test hook: rank {d.rank} SIGKILLs itself after iteration {it}", flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stopped_early:
-                break
-        if progress is not None:
-            progress.close()
-        final_it = t + 1 if T > start else start
+                progress.close()
+            return self.finish(it, stopped_early=stop)
+        finally:
+            self.tracker.finish()
 
-        # Final evaluation on the full test budget, then the summary, figures and a last checkpoint.
-        ev = evaluate(experts, disc_module, proto, classifier, plan, d, cfg, cfg.eval.final_examples)
-        ckpt_lib.save_checkpoint(out, final_it, cfg, experts, disc_module, d_opt, d, plan, state,
-                                 rows, cfg.checkpoint.keep)
-        if not d.is_main:
+    def step(self, t: int) -> tuple[StepResult, torch.Tensor]:
+        """Iteration ``t + 1`` of Algorithm 1; returns its result and the mechanism of each fake example."""
+        cfg, B, N = self.cfg, self.cfg.train.batch_size, self.cfg.expert.num
+        idx_fake = sample_indices(self.fake_x.shape[0], B, cfg.seed, "fake-batch", t)
+        idx_real = sample_indices(self.real_x.shape[0], B, cfg.seed, "real-batch", t)
+        capacity = None
+        if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
+            capacity = math.ceil(cfg.train.capacity_factor * B / N)
+        divisions = [(a.donor, a.copy) for a in self.state.split.active]  # split() drops finished ones
+        device = self.dist.device
+        res = competition_step(self.experts, self.disc, self.disc_opt, self.fake_x[idx_fake.to(device)],
+                               self.real_x[idx_real.to(device)], self.plan, self.dist, capacity=capacity,
+                               divisions=divisions)
+        # The score matrix is identical on every rank, so every rank stops at the same step.
+        if not bool(torch.isfinite(res.scores_BN).all()):
+            raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
+                                f"metrics and checkpoints written so far in {self.run_dir} are intact; try a lower "
+                                "learning rate or train.precision=fp32")
+        return res, self.proto.transformed_mech[idx_fake]
+
+    def identity_init(self) -> None:
+        """Approximate identity initialization of this rank's experts; progress and results to the tracker."""
+        cfg, t0 = self.cfg, time.time()
+        experts, tracker = self.experts, self.tracker
+        every = max(1, cfg.identity_init.max_steps // 25)  # ~25 points of progress
+
+        def on_step(step: int, mse_E: torch.Tensor) -> None:
+            if (step + 1) % every == 0:  # rank 0 reports its own experts; the final numbers cover all ranks
+                tracker.log({"identity/step": step + 1,
+                             **{f"identity/mse/e{g}": float(v) for g, v in zip(experts.ids, mse_E)}}, 0)
+
+        st = identity_init(experts, self.fake_x, cfg, self.dist.device, on_step=on_step)
+        gathered = self.dist.all_gather_object(st)
+        steps = [s for g in gathered for s in g["steps"]]
+        mses = [m for g in gathered for m in g["mse"]]
+        self.state.identity = {"steps": steps, "mse": mses, "seconds": time.time() - t0}
+        self.log(f"identity init: {time.time() - t0:.1f}s, steps per expert {steps}")
+        tracker.log({"identity/seconds": time.time() - t0, "identity/max_steps_used": max(steps),
+                     **{f"identity/final_mse/e{e}": m for e, m in enumerate(mses)}}, 0)
+
+    def split(self, res: StepResult, it: int) -> None:
+        """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one.
+
+        Winners are identical on every rank, so every rank plans the same splits and joins the same
+        copies in the same order.
+        """
+        cfg, split = self.cfg, self.state.split
+        wins_N = torch.bincount(res.winners_B.cpu(), minlength=len(split.wins))
+        split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
+        split.active = [a for a in split.active if a.until > it]
+        if it % cfg.train.split_every or it > cfg.train.split_iterations:
+            return
+        wins, total = split.wins, max(sum(split.wins), 1)
+        for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share):
+            copy_expert(self.experts, self.plan, self.dist, donor, idle)
+            split.active.append(Division(donor, idle, it + cfg.train.split_steps))
+            split.log.append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,
+                              "copy_share": wins[idle] / total})
+            self.log(f"split at iteration {it}: expert {idle} (won {wins[idle] / total:.1%} since the last check) is "
+                     f"now a copy of expert {donor} (won {wins[donor] / total:.1%})")
+        split.wins = [0] * len(wins)
+
+    def log_metrics(self, res: StepResult, window: MetricWindow, it: int) -> None:
+        """Losses gathered from every rank, and the window's speed, win shares and scores."""
+        disc_loss = self.dist.all_reduce_sum(res.disc_loss_local.clone().float()).item()
+        e_losses = [x for g in self.dist.all_gather_object(res.expert_loss_E.cpu().tolist()) for x in g]
+        metrics = {"d_loss": disc_loss, **window.metrics(self.names),
+                   **{f"expert_loss/e{e}": (None if math.isnan(v) else v) for e, v in enumerate(e_losses)}}
+        if self.splitting:
+            metrics["splits"] = len(self.state.split.log)
+        self.tracker.log(metrics, it)
+
+    def evaluate(self, it: int, progress=None) -> bool:
+        """A periodic evaluation on the probe set. Returns whether to stop early (the same on every rank)."""
+        cfg = self.cfg
+        ev = evaluate(self.experts, self.disc_module, self.proto, self.classifier, self.plan, self.dist, cfg,
+                      cfg.eval.examples, self.fixed_verdicts)
+        stable = None
+        if self.dist.is_main:
+            self.tracker.log(eval_metrics(ev), it)
+            if progress is not None:
+                progress.set_postfix(restored_acc=f"{ev['accuracy']['restored']:.3f}", refresh=False)
+            same = self.state.last_probe_winners == ev["winners"].tolist()
+            self.state.stable_evals = self.state.stable_evals + 1 if same else 0
+            self.state.last_probe_winners = ev["winners"].tolist()
+            if cfg.tracking.figures_every and it % cfg.tracking.figures_every == 0:
+                pngs = figures.latest_pngs(ev, self.proto.test_x, self.names, self.run_dir.figures, it)
+                self.tracker.log_images(pngs, it)
+                self.tracker.log_win_matrix(ev["win_matrix"], self.names, it)
+                self.tracker.log_charts(it)
+            stable = self.state.stable_evals
+        stable = self.dist.broadcast_object(stable)
+        stop = bool(cfg.train.stop_when_stable and stable >= cfg.train.stop_when_stable)
+        if stop:
+            self.log(f"assignments stable for {stable} evaluations: stopping at iteration {it}")
+        return stop
+
+    def checkpoint(self, it: int) -> None:
+        ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
+                                 self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep)
+
+    def finish(self, final_it: int, stopped_early: bool) -> dict | None:
+        """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""
+        cfg = self.cfg
+        ev = evaluate(self.experts, self.disc_module, self.proto, self.classifier, self.plan, self.dist, cfg,
+                      cfg.eval.final_examples)
+        self.checkpoint(final_it)
+        if not self.dist.is_main:
             return None
-        metrics = _eval_metrics(ev)
-        rows.append({"iteration": final_it, **metrics})
-        tracker.log(metrics, final_it)
-        summary = {
+        self.tracker.log(eval_metrics(ev), final_it)
+        summary = self._summary(ev, final_it, stopped_early)
+        self.run_dir.write_summary(summary)
+        paths = figures.final_pngs(ev, self.proto.test_x, self.names, cfg.expert.num, self.tracker.rows,
+                                   self.run_dir.figures)
+        self.tracker.log_images({f"figures/{p.stem}": p for p in paths}, final_it)
+        self.tracker.log_win_matrix(ev["win_matrix"], self.names, final_it)
+        self.tracker.log_charts(final_it)
+        self.tracker.summary({k: summary[k] for k in ("iterations", "world_size", "accuracy", "mechanisms_captured",
+                                                      "captured", "win_matrix", "stopped_early", "wall_seconds")})
+        acc = ev["accuracy"]
+        self.log(f"done: {final_it} iterations in {summary['wall_seconds']:.0f}s; accuracy transformed "
+                 f"{acc['transformed']:.3f} restored {acc['restored']:.3f} original {acc['original']:.3f}; "
+                 f"mechanisms captured {ev['mechanisms_captured']}/{len(self.names)}")
+        return summary
+
+    def _summary(self, ev: dict, final_it: int, stopped_early: bool) -> dict:
+        return {
             "iterations": final_it,
-            "wall_seconds": time.time() - t_start,
-            "world_size": d.world_size,
-            "num_experts": N,
-            "mechanisms": names,
-            "seed": cfg.seed,
-            "config_hash": config_hash(cfg),
+            "wall_seconds": time.time() - self.t_start,
+            "world_size": self.dist.world_size,
+            "num_experts": self.cfg.expert.num,
+            "mechanisms": self.names,
+            "seed": self.cfg.seed,
+            "config_hash": config_hash(self.cfg),
             "eval_examples": ev["examples"],
             "accuracy": ev["accuracy"],
             "accuracy_per_mechanism": ev["accuracy_per_mechanism"],
@@ -266,74 +359,15 @@ def _train(cfg: Config, d: Dist) -> dict | None:
             "mechanisms_captured": ev["mechanisms_captured"],
             "inactive_experts": ev["inactive_experts"],
             "stopped_early": stopped_early,
-            "identity_init": state.get("identity"),
-            "splits": state["split"]["log"],
+            "identity_init": self.state.identity,
+            "splits": self.state.split.log,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        paths = _write_figures(ev, proto, names, N, rows, out)
-        tracker.log_images({f"figures/{p.stem}": p for p in paths}, final_it)
-        _log_win_table(tracker, ev, names, final_it)
-        tracker.log_charts(final_it)
-        tracker.summary({k: summary[k] for k in ("iterations", "world_size", "accuracy", "mechanisms_captured",
-                                                 "captured", "win_matrix", "stopped_early", "wall_seconds")})
-        log(f"done: {final_it} iterations in {summary['wall_seconds']:.0f}s; accuracy transformed "
-            f"{ev['accuracy']['transformed']:.3f} restored {ev['accuracy']['restored']:.3f} original "
-            f"{ev['accuracy']['original']:.3f}; mechanisms captured {ev['mechanisms_captured']}/{M}")
-        return summary
+
+
+def train(cfg: Config, after_iteration: list[Callable] = ()) -> dict | None:
+    """Run the whole experiment. Returns the summary on rank 0 (None on other ranks)."""
+    dist = init_distributed(cfg)
+    try:
+        return Trainer(cfg, dist, after_iteration).run()
     finally:
-        tracker.finish()
-
-
-def _split_experts(cfg: Config, split: dict, wins_N: torch.Tensor, it: int, experts, plan: ShardPlan, d: Dist,
-                   log) -> None:
-    """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one."""
-    split["wins"] = [a + int(b) for a, b in zip(split["wins"], wins_N)]
-    split["active"] = [a for a in split["active"] if a[2] > it]
-    if it % cfg.train.split_every or it > cfg.train.split_iterations:
-        return
-    # Winners are identical on every rank, so every rank plans the same splits and joins the same
-    # copies in the same order.
-    wins, total = split["wins"], max(sum(split["wins"]), 1)
-    for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share):
-        copy_expert(experts, plan, d, donor, idle)
-        split["active"].append([donor, idle, it + cfg.train.split_steps])
-        split["log"].append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,
-                             "copy_share": wins[idle] / total})
-        log(f"split at iteration {it}: expert {idle} (won {wins[idle] / total:.1%} since the last check) is now "
-            f"a copy of expert {donor} (won {wins[donor] / total:.1%})")
-    split["wins"] = [0] * len(wins)
-
-
-def _eval_metrics(ev: dict) -> dict:
-    return {
-        "eval/accuracy/transformed": ev["accuracy"]["transformed"],
-        "eval/accuracy/restored": ev["accuracy"]["restored"],
-        "eval/accuracy/original": ev["accuracy"]["original"],
-        "eval/mechanisms_captured": ev["mechanisms_captured"],
-    }
-
-
-def _write_figures(ev: dict, proto, names: list[str], N: int, rows: list[dict], out: Path) -> list[Path]:
-    fig_dir = out / "figures"
-    fig_dir.mkdir(exist_ok=True)
-    paths = [
-        figures.win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix.png"),
-        figures.samples_png(proto.test_x, ev["restored"], ev["winners"], fig_dir / "samples.png"),
-        figures.scores_png(rows, names, N, fig_dir / "scores.png"),
-        figures.accuracy_png(rows, fig_dir / "accuracy.png"),
-    ]
-    return [p for p in paths if p is not None]
-
-
-def _log_figures(tracker, ev: dict, proto, names: list[str], out: Path, it: int) -> None:
-    fig_dir = out / "figures"
-    p1 = figures.win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix_latest.png", title=f"iteration {it}")
-    p2 = figures.samples_png(proto.test_x, ev["restored"], ev["winners"], fig_dir / "samples_latest.png")
-    tracker.log_images({"figures/win_matrix": p1, "figures/samples": p2}, it)
-    _log_win_table(tracker, ev, names, it)
-    tracker.log_charts(it)
-
-
-def _log_win_table(tracker, ev: dict, names: list[str], it: int) -> None:
-    rows = [[names[m]] + [round(float(v), 4) for v in ev["win_matrix"][m]] for m in range(len(names))]
-    tracker.log_table("win_matrix_table", ["mechanism"] + [f"e{e}" for e in range(ev["win_matrix"].shape[1])], rows, it)
+        dist.close()

@@ -1,9 +1,8 @@
-"""Small helpers shared by several modules (file digests, nested-dict flattening, metrics.jsonl)."""
+"""Small helpers shared by several modules (file digests, nested-dict flattening)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 
@@ -26,18 +25,3 @@ def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
         else:
             out[key] = v
     return out
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a run's ``metrics.jsonl`` (one JSON object per line). A line cut short by a crash,
-    or anything that is not a JSON object, is skipped: the rest of the file is still good."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows

@@ -25,6 +25,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from icm_dist.rundir import RunDir  # noqa: E402
 
 
 def load_suite(path: Path) -> dict:
@@ -33,7 +36,7 @@ def load_suite(path: Path) -> dict:
 
 def run_one(name: str, cfg: Path, seed: int, out: Path, overrides: list[str], log_dir: Path) -> dict:
     run_dir = out / name / f"seed{seed}"
-    if (run_dir / "summary.json").is_file():
+    if RunDir(run_dir).summary_file.is_file():
         return {"name": name, "seed": seed, "status": "done before"}
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), "--config", str(cfg), f"seed={seed}",
            f"run.out_dir={run_dir}", "run.progress=false", "resume=auto", *overrides]
@@ -55,9 +58,9 @@ def aggregate(suite: dict, out: Path) -> dict:
     for name, spec in suite.items():
         runs = []
         for seed in range(spec["seeds"]):
-            p = out / name / f"seed{seed}" / "summary.json"
-            if p.is_file():
-                runs.append(json.loads(p.read_text()))
+            summary = RunDir(out / name / f"seed{seed}").read_summary()
+            if summary is not None:
+                runs.append(summary)
         if not runs:
             continue
         M = len(runs[0]["mechanisms"])
@@ -82,7 +85,8 @@ def aggregate(suite: dict, out: Path) -> dict:
             "wall_seconds": _stat([r["wall_seconds"] for r in runs]),
             "restored_per_mechanism": per_mech,
             "per_seed": [{"seed": r["seed"], "restored": round(r["accuracy"]["restored"], 4),
-                          "captured": r["mechanisms_captured"], "inactive": r.get("inactive_experts", [])} for r in runs],
+                          "captured": r["mechanisms_captured"], "inactive": r.get("inactive_experts", [])}
+                         for r in runs],
         }
     return results
 
@@ -95,12 +99,14 @@ def to_markdown(results: dict, suite: dict) -> str:
             return f"{100 * s['mean']:.{digits}f} ± {100 * s['std']:.{digits}f}"
         return f"{s['mean']:.1f} ± {s['std']:.1f}"
 
-    lines = ["| experiment | seeds | transformed % | restored % | original % | captured (of M) | runs with all captured "
+    lines = ["| experiment | seeds | transformed % | restored % | original % | captured (of M) "
+             "| runs with all captured "
              "| learned (of M) | inactive experts | wall s | paper |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         M = len(r["restored_per_mechanism"])
-        lines.append(f"| {name} | {len(r['seeds'])} | {f(r['transformed'])} | {f(r['restored'])} | {f(r['original'])} | "
+        lines.append(f"| {name} | {len(r['seeds'])} | {f(r['transformed'])} | {f(r['restored'])} "
+                     f"| {f(r['original'])} | "
                      f"{f(r['mechanisms_captured'], False)} / {M} | {r['all_captured']} / {len(r['seeds'])} | "
                      f"{f(r['mechanisms_learned'], False)} / {M} | {f(r['inactive_experts'], False)} | "
                      f"{r['wall_seconds']['mean']:.0f} | {r['paper']} |")
@@ -133,7 +139,8 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         # Seeds first, experiments second: with a time limit, every experiment gets its early seeds.
-        jobs = [(name, suite_path.parent / spec["config"], seed) for seed in range(max(s["seeds"] for s in suite.values()))
+        jobs = [(name, suite_path.parent / spec["config"], seed)
+                for seed in range(max(s["seeds"] for s in suite.values()))
                 for name, spec in suite.items() if seed < spec["seeds"]]
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

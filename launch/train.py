@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
 
-from icm_dist.cli import main  # noqa: E402
+from icm_dist.commands.cli import main  # noqa: E402
 
 
 # @record: under torchrun, an exception in a worker is written to the error file torchrun reads, so

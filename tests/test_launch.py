@@ -4,8 +4,8 @@ Each test checks the run directory (summary.json's world size, the checkpoint), 
 """
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,12 +39,14 @@ def _check_run(run: Path, world: int):
     latest = (run / "checkpoints" / "latest").read_text().strip()
     ckpt = run / "checkpoints" / latest
     assert json.loads((ckpt / "manifest.json").read_text())["world_size"] == world
-    assert sorted(p.name for p in ckpt.glob("expert_*.safetensors")) == [f"expert_{i:03d}.safetensors" for i in range(3)]
+    expected = [f"expert_{i:03d}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in ckpt.glob("expert_*.safetensors")) == expected
     return summary
 
 
 def test_torchrun_two_processes(tmp_path, data_root, mnist):
-    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29631", TRAIN, *_overrides(tmp_path, data_root)])
+    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29631", TRAIN,
+              *_overrides(tmp_path, data_root)])
     assert r.returncode == 0, r.stderr[-3000:]
     _check_run(tmp_path / "run", 2)
 
@@ -92,7 +94,7 @@ PROBE = (  # joins the group as the trainer does and reports it, without trainin
     f"sys.path.insert(0, {str(REPO)!r})\n"
     "import torch.distributed as dist\n"
     "from icm_dist.config import load_config\n"
-    "from icm_dist.parallel import init_distributed\n"
+    "from icm_dist.dist import init_distributed\n"
     f"d = init_distributed(load_config({str(REPO / 'configs' / 'tiny.yaml')!r}, ['threads=1']))\n"
     "print(f'probe rank {d.rank} world {d.world_size} launcher {d.launcher} '\n"
     "      f'backend {dist.get_backend() if d.enabled else None}', flush=True)\n"
@@ -107,7 +109,8 @@ def test_shipped_cpu_accelerate_config_starts_gloo_processes(tmp_path):
               "--main_process_port", "29635", str(probe)], timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     # Two processes share the pipe, so their lines may interleave: find the reports, not the lines.
-    lines = sorted(re.findall(r"probe rank \d+ world \d+ launcher (?:accelerate|torchrun|python) backend (?:gloo|nccl|None)",
+    report = r"probe rank \d+ world \d+ launcher (?:accelerate|torchrun|python) backend (?:gloo|nccl|None)"
+    lines = sorted(re.findall(report,
                               r.stdout))
     assert lines == [f"probe rank {i} world 2 launcher accelerate backend gloo" for i in range(2)], r.stdout[-2000:]
 

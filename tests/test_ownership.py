@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from icm_dist import ownership as own
-from icm_dist.cli import main as cli_main
+from icm_dist.commands import ownership as own
+from icm_dist.commands.cli import main as cli_main
 
 NAMES = ["up", "down", "noise"]
 

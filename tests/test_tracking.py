@@ -23,11 +23,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import wandb_reader  # noqa: E402
 from wandb_reader import RunFile, WandbFileError, crc32c, read_chunks  # noqa: E402
 
-from icm_dist import compare as cmp  # noqa: E402
-from icm_dist.cli import main as cli_main  # noqa: E402
+from icm_dist.commands import compare as cmp  # noqa: E402
+from icm_dist.commands.cli import main as cli_main  # noqa: E402
 from icm_dist.config import experiment_hash, load_config  # noqa: E402
-from icm_dist.tracking import (NullTracker, Tracker, default_group, drop_inherited_wandb_service,  # noqa: E402
-                               make_tracker, resolve_wandb_mode)
+from icm_dist.rundir import RunDir  # noqa: E402
+from icm_dist.tracking import (  # noqa: E402
+    NullTracker,
+    Tracker,
+    default_group,
+    drop_inherited_wandb_service,
+    make_tracker,
+    resolve_wandb_mode,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -187,8 +194,8 @@ def test_default_group_drops_the_seed():
 def test_other_ranks_get_a_null_tracker_and_disabled_writes_jsonl_only(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "tracking.wandb.mode=disabled"])
-    assert type(make_tracker(cfg, is_main=False)) is NullTracker
-    t = make_tracker(cfg, is_main=True)
+    assert type(make_tracker(cfg, None)) is NullTracker
+    t = make_tracker(cfg, RunDir(tmp_path).metrics_log())
     assert isinstance(t, Tracker) and t.wandb is None
     t.log({"d_loss": 1.5, "x": float("nan"), "score/up/e0": 0.25}, 5)
     t.log_images({"figures/a": tmp_path / "none.png"}, 5)
@@ -211,7 +218,7 @@ def test_wandb_init_failure_is_one_readable_error(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = load_config(None, [f"run.out_dir={tmp_path}", "tracking.wandb.mode=online"])
     with pytest.raises(IcmError, match="wandb.init failed in mode 'online'.*tracking.wandb.mode=offline"):
-        make_tracker(cfg, is_main=True)
+        make_tracker(cfg, RunDir(tmp_path).metrics_log())
 
 
 # ----------------------------------------------------------------------------- a real offline run
@@ -415,7 +422,7 @@ def test_compare_adds_the_generalization_measures_where_present(tmp_path, capsys
 @needs_mnist
 def test_compare_on_two_tiny_runs(single_run, torchrun_run, tmp_path):
     png = tmp_path / "tiny.png"
-    p = subprocess.run([sys.executable, "-m", "icm_dist.cli", "compare", str(single_run), str(torchrun_run),
+    p = subprocess.run([sys.executable, "-m", "icm_dist.commands.cli", "compare", str(single_run), str(torchrun_run),
                         "--out", str(png), "--json", str(tmp_path / "t.json")],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -439,7 +446,7 @@ def test_compare_on_two_tiny_runs(single_run, torchrun_run, tmp_path):
 
 def test_ownership_reads_a_real_run(single_run):
     """The keys ``icm-dist ownership`` reads are the ones the trainer writes."""
-    from icm_dist import ownership as own
+    from icm_dist.commands import ownership as own
 
     rows, names, N, _ = own.read_run(single_run)
     tl = own.timeline(rows, names, N)

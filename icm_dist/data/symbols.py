@@ -26,13 +26,16 @@ otherwise the rendered symbols.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from icm_dist.data.mechanisms import SHIFT_PIXELS
@@ -79,8 +82,6 @@ class SymbolSet(NamedTuple):
 
 def font_dir() -> Path:
     """matplotlib's bundled fonts (found without importing matplotlib, which is slow to import)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("matplotlib")
     if spec is None or spec.origin is None:
         raise DataError("matplotlib is not installed: its DejaVu fonts are what icm-dist renders symbols from")
@@ -89,8 +90,6 @@ def font_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def _font(font: str):
-    from PIL import ImageFont
-
     return ImageFont.truetype(str(font_dir() / font), _RENDER_SIZE)
 
 
@@ -121,8 +120,6 @@ def _stroke_estimate(ink: Tensor) -> float:
 
 def _draw(ch: str, font: str):
     """The glyph drawn white on black at high resolution, cropped to its ink; None if the font lacks it."""
-    from PIL import Image, ImageDraw
-
     fnt = _font(font)
     if bytes(fnt.getmask(ch)) == _notdef(font):
         return None
@@ -137,8 +134,6 @@ def _draw(ch: str, font: str):
 
 def _skeleton(m):
     """Zhang-Suen thinning of a boolean [H, W] numpy mask to one-pixel-wide lines (vectorized)."""
-    import numpy as np
-
     m = m.copy()
     H, W = m.shape
     while True:
@@ -169,8 +164,6 @@ _PEN_RADIUS = 4  # in supersampled pixels: a pen 9/4 = 2.25 output pixels wide
 
 def _draw_with_pen(skel):
     """Every skeleton pixel stamped with a round pen of radius _PEN_RADIUS; the mask grows by r each side."""
-    import numpy as np
-
     r = _PEN_RADIUS
     H, W = skel.shape
     out = np.zeros((H + 2 * r, W + 2 * r), dtype=bool)
@@ -189,9 +182,6 @@ def render(cp: int, font: str, size: int = 46) -> Tensor | None:
     skeleton and redrawn with a round pen about as wide as an MNIST stroke, then box-filtered down:
     every symbol gets the same stroke width whatever the font's weight, like a pen-drawn letter.
     """
-    import numpy as np
-    from PIL import Image
-
     glyph = _draw(chr(cp), font)
     if glyph is None or max(glyph.size) < 0.3 * _RENDER_SIZE or min(glyph.size) < 0.2 * max(glyph.size):
         return None  # a dot, or a bare line (Hebrew vav, Arabic alef, box-drawing bars)
@@ -232,8 +222,6 @@ def render_symbols(n: int, size: int = 46, seed: int = 0) -> SymbolSet:
         raise ValueError(f"n must be >= 0, got {n}")
     if size < 2 * MARGIN + 8:
         raise ValueError(f"size must be at least {2 * MARGIN + 8} (a {MARGIN}-pixel margin each side), got {size}")
-    import numpy as np
-
     fonts = [f for f in FONTS if (font_dir() / f).is_file()]
     queues = {}
     for name in SCRIPTS:
@@ -298,8 +286,6 @@ def _omniglot_dir(root: str | os.PathLike) -> Path | None:
 def load_omniglot(root: str | os.PathLike, n: int, size: int = 46, seed: int = 0) -> SymbolSet:
     """``n`` letters of Omniglot's background set (torchvision's files), resized to ``size`` (the whole
     105x105 image, as the paper rescales it) and inverted to white strokes on black, in [0, 1]."""
-    from PIL import Image
-
     where = _omniglot_dir(root)
     if where is None:
         hint = ""

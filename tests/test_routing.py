@@ -1,10 +1,11 @@
-"""Pure logic of the sharded step, tested without a process group."""
+"""Pure logic of the sharded step (the shard plan, score padding, who wins), tested without a process group."""
 
 import pytest
 import torch
 
+from icm_dist.dist import ShardPlan, pad_scores, real_slice, unpad_scores
 from icm_dist.errors import LaunchError
-from icm_dist.parallel import ShardPlan, pad_scores, real_slice, settle_winners, unpad_scores
+from icm_dist.routing import divide_wins, plan_splits, settle_winners, settle_winners_capped
 
 
 def test_shard_plan_blocks_differ_by_at_most_one():
@@ -47,7 +48,6 @@ def test_winners_argmax_ties_to_lowest_id():
 
 
 def test_capped_winners_respect_capacity_and_prefer_the_argmax():
-    from icm_dist.parallel import settle_winners_capped
 
     s = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.0], [0.7, 0.0, 0.6], [0.1, 0.9, 0.0]])
     # capacity 2: expert 0 keeps its two highest scores (rows 0, 1); row 2 goes to its next best (2).
@@ -63,7 +63,6 @@ def test_capped_winners_respect_capacity_and_prefer_the_argmax():
 
 
 def test_plan_splits_pairs_the_idlest_with_the_busiest():
-    from icm_dist.parallel import plan_splits
 
     # 100 wins over 10 experts, fair share 10: idle below 2.5 (e1, e9 with 0, then e4 with 1), donors
     # at 15 or more (e0 with 30, then e3 with 20). Two pairs; e4 stays idle for want of a donor.
@@ -83,7 +82,6 @@ def _divide_reference(winners: list[int], scores: list[list[float]], donor: int,
 
 
 def test_divide_wins_gives_the_copy_the_donors_weakest_half():
-    from icm_dist.parallel import divide_wins
 
     s = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.0], [0.5, 0.0, 0.9], [0.7, 0.2, 0.1], [0.3, 0.9, 0.0]])
     w = settle_winners(s)  # [0, 0, 2, 0, 1]: donor 0 won rows 0, 1, 3 (scores 0.9, 0.2, 0.7)
@@ -105,7 +103,6 @@ def test_a_division_keeps_a_capped_pair_within_capacity():
     # With train.capacity_factor and splits together, a division runs after the capped settlement.
     # Donor and copy each held at most `cap`, so the pool is at most 2*cap and its halves (floor and
     # ceil of k/2) fit the cap again: a division never breaks the cap.
-    from icm_dist.parallel import divide_wins, plan_splits, settle_winners_capped
 
     g = torch.Generator().manual_seed(1)
     for _ in range(50):

@@ -5,15 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import IcmError
+from ..config import load_config
+from ..errors import IcmError
+from ..faults import kill_after_iteration_from_env
+from ..trainer import train
+from .compare import add_parser as add_compare_parser
+from .generalize import add_parser as add_generalize_parser  # Figures 7 and 8 on unseen symbols
+from .ownership import add_parser as add_ownership_parser  # who leads which mechanism, over training
+from .reuse import add_subcommands as add_reuse_subcommands  # export, apply, surgery
 
 
 def _train(args) -> int:
-    from .config import load_config
-    from .trainer import train
-
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    hooks = [h for h in (kill_after_iteration_from_env(),) if h is not None]  # tests/test_resume_launch.py
+    train(cfg, after_iteration=hooks)
     return 0
 
 
@@ -24,17 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iterations=500 seed=3")
     t.set_defaults(func=_train)
-    from .reuse import add_subcommands as add_reuse_subcommands  # export, apply, surgery
-
     add_reuse_subcommands(sub)
-    from .compare import add_parser as add_compare_parser
-
     add_compare_parser(sub)
-    from .generalize import add_parser as add_generalize_parser  # Figures 7 and 8 on unseen symbols
-
     add_generalize_parser(sub)
-    from .ownership import add_parser as add_ownership_parser  # who leads which mechanism, over training
-
     add_ownership_parser(sub)
     return p
 

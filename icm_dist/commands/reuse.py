@@ -22,12 +22,20 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from . import checkpoint as ck
-from .config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
-from .errors import CheckpointError, ConfigError
-from .models import Expert
+from .. import checkpoint as ck
+from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from ..data.protocol import build_protocol
+from ..dist import Dist, ShardPlan
+from ..errors import CheckpointError, ConfigError
+from ..evaluate import run_committee
+from ..experts import LocalExperts
+from ..identity import identity_init
+from ..models import Expert, make_discriminator
+from ..rundir import RunDir
 
 MODULE_FORMAT = "icm-dist-expert-module/1"
 ARCHITECTURE = ("depth x [conv3x3 (no bias) -> BatchNorm2d (eval: running stats, eps 1e-5) -> ELU -> "
@@ -58,17 +66,21 @@ def open_source(path: str | Path, verify: bool = True) -> Source:
         cfg = config_from_dict(manifest["config"])
     except ConfigError as e:
         raise CheckpointError(f"checkpoint '{ckpt}': its config does not load in this icm-dist ({e})") from None
-    summary = None
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    if run_dir is not None and (run_dir / "summary.json").is_file():
-        try:
-            s = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            s = None
-        if isinstance(s, dict) and s.get("iterations") == manifest["iteration"] \
-                and s.get("num_experts") == manifest["num_experts"]:
-            summary = s
-    return Source(ckpt, manifest, cfg, summary)
+    return Source(ckpt, manifest, cfg, _summary_of(ckpt, manifest))
+
+
+def _summary_of(ckpt: Path, manifest: dict) -> dict | None:
+    """The summary.json of the run that holds ``ckpt``, if it describes this very checkpoint."""
+    if ckpt.parent.name != "checkpoints":
+        return None
+    try:
+        s = RunDir(ckpt.parent.parent).read_summary()
+    except (OSError, json.JSONDecodeError):
+        return None
+    if isinstance(s, dict) and s.get("iterations") == manifest["iteration"] \
+            and s.get("num_experts") == manifest["num_experts"]:
+        return s
+    return None
 
 
 def _expert_cfg(meta: dict, where: str) -> ExpertConfig:
@@ -92,8 +104,8 @@ def load_expert(src: Source, gid: int) -> Expert:
     if not 0 <= gid < src.manifest["num_experts"]:
         raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
     path = src.ckpt / ck.expert_filename(gid)
-    model, _, meta = ck.load_expert_file(path)
-    return _build_expert(src.cfg.expert, model, str(path))
+    state, _ = ck.load_expert_file(path)
+    return _build_expert(src.cfg.expert, state.model, str(path))
 
 
 def load_module_file(path: str | Path) -> tuple[Expert, dict]:
@@ -175,9 +187,6 @@ def read_inputs(path: str | Path, key: str | None = None) -> tuple[torch.Tensor,
     """
     p = Path(path)
     if p.is_dir():
-        from PIL import Image
-        import numpy as np
-
         files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
         if not files:
             raise CheckpointError(f"input folder '{p}' holds no .png files")
@@ -220,8 +229,6 @@ def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, ext
     """PNGs with the input names into folder ``out`` (input was a folder), else a safetensors file."""
     out = Path(out)
     if names is not None:
-        from PIL import Image
-
         out.mkdir(parents=True, exist_ok=True)
         u8 = (y.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
         for name, img in zip(names, u8):
@@ -241,10 +248,6 @@ def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, ext
 
 def load_committee(src: Source, device: torch.device | None = None):
     """Every expert of the checkpoint in one bank, D and its optimizer: (experts, disc, d_opt, plan, dist)."""
-    from .competition import LocalExperts
-    from .models import make_discriminator
-    from .parallel import Dist, ShardPlan
-
     device = device or torch.device("cpu")
     cfg = src.cfg
     experts = LocalExperts(cfg, list(range(cfg.expert.num)), device)
@@ -258,8 +261,6 @@ def load_committee(src: Source, device: torch.device | None = None):
 @torch.no_grad()
 def apply_committee(src: Source, x: torch.Tensor) -> dict:
     """Each input restored by the expert D scores highest: ``restored``, ``winners``, ``scores``."""
-    from .evaluate import run_committee
-
     if tuple(x.shape[-2:]) != (32, 32):
         raise CheckpointError(f"the committee's discriminator scores 32x32 images but the inputs are "
                               f"{tuple(x.shape[-2:])}; pad them, or apply a --chain of experts (any size)")
@@ -330,9 +331,6 @@ def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[s
 
 def committee_wins(src: Source, examples: int) -> torch.Tensor:
     """How many of the first ``examples`` transformed test digits each expert wins."""
-    from .data.protocol import build_protocol
-    from .evaluate import run_committee
-
     proto = build_protocol(src.cfg)
     experts, disc, _, plan, d = load_committee(src)
     res = run_committee(experts, disc, proto.test_x[:examples], plan, d, src.cfg, keep_outputs=False)
@@ -343,8 +341,6 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
             add: int = 0, iterations: int | None = None, probe: int | None = None, seed: int | None = None,
             identity: bool = True, log=print) -> Path:
     """Write ``out_dir/checkpoints/iter_N`` (the committee after surgery) and ``out_dir/config.yaml``."""
-    from .competition import LocalExperts, identity_init
-
     src = open_source(source)
     cfg, N, it0 = src.cfg, src.cfg.expert.num, src.manifest["iteration"]
     out_dir = Path(out_dir)
@@ -385,8 +381,6 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
         fresh_cfg.seed = cfg.seed + 1 if seed is None else seed
         fresh = LocalExperts(fresh_cfg, list(range(len(kept), new_n)), torch.device("cpu"))
         if identity and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
-            from .data.protocol import build_protocol
-
             proto = build_protocol(cfg)
             identity_info = identity_init(fresh, proto.transformed_x, fresh_cfg, torch.device("cpu"))
             log(f"identity init of the {add} new expert(s): steps {identity_info['steps']}")
@@ -411,10 +405,11 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
     ck.write_experts(tmp, new_cfg, new, it0)
     final = ck.finish_checkpoint(tmp, it0, new_cfg, disc, d_opt, 1, state, [], keep=new_cfg.checkpoint.keep,
                                  extra={"surgery": record})
-    (out_dir / "config.yaml").write_text(dump_yaml(new_cfg))
+    config_file = RunDir(out_dir).config_file
+    config_file.write_text(dump_yaml(new_cfg))
     log(f"surgery: kept experts {kept} (now 0..{len(kept) - 1}), removed {sorted(drop) or 'none'}, added {add}; "
-        f"wrote {final} and {out_dir / 'config.yaml'} (expert.num={new_n}, resume=auto). Train on with: "
-        f"python launch/train.py --config {out_dir / 'config.yaml'}")
+        f"wrote {final} and {config_file} (expert.num={new_n}, resume=auto). Train on with: "
+        f"python launch/train.py --config {config_file}")
     return final
 
 

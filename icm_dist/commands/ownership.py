@@ -7,22 +7,19 @@ on the examples of each mechanism over that window (the data of the paper's Figu
 goes to the expert D scores highest, so the expert with the highest mean score on a mechanism's
 examples is, in effect, the one that wins them: the argmax per mechanism is the committee's
 division of labour at that moment. Printed every ``--every`` iterations: one group per expert, with
-the mechanisms it leads (``e6:down+noise`` is a shared expert), and a verdict per run: the iteration from which the division no longer changed, the
-experts that ended up leading several mechanisms, those that lead none at the end (idle), and
-those that never led any.
+the mechanisms it leads (``e6:down+noise`` is a shared expert), and a verdict per run: the iteration
+from which the division no longer changed, the experts that ended up leading several mechanisms,
+those that lead none at the end (idle), and those that never led any.
 
 Needs only ``metrics.jsonl`` (and ``summary.json`` or ``config.yaml`` for the mechanism names).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
-
-from .errors import IcmError
-from .utils import read_metrics
+from ..errors import IcmError
+from ..rundir import CONFIG, METRICS, SUMMARY, RunDir
 
 
 class OwnershipError(IcmError):
@@ -87,20 +84,20 @@ def _fmt(lead: dict[str, int]) -> str:
 
 def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int, list[dict]]:
     """The run's metric rows, mechanism names, expert count, and its splits (``summary.json``; [] if none)."""
-    d = Path(run_dir)
-    m_p = d / "metrics.jsonl"
-    if not m_p.is_file():
-        raise OwnershipError(f"'{d}' has no metrics.jsonl: not a run directory")
+    run = RunDir(run_dir)
+    d = run.path
+    if not run.metrics_file.is_file():
+        raise OwnershipError(f"'{d}' has no {METRICS}: not a run directory")
     names, N, splits = None, None, []
-    if (d / "summary.json").is_file():
-        s = json.loads((d / "summary.json").read_text())
+    s = run.read_summary()
+    cfg = run.read_config() if s is None else None
+    if s is not None:
         names, N, splits = s["mechanisms"], s["num_experts"], s.get("splits") or []
-    elif (d / "config.yaml").is_file():
-        cfg = yaml.safe_load((d / "config.yaml").read_text()) or {}
+    elif cfg is not None:
         names, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
     if not names or not N:
-        raise OwnershipError(f"'{d}': neither summary.json nor config.yaml names the mechanisms and experts")
-    rows = [r for r in read_metrics(m_p) if "iteration" in r]
+        raise OwnershipError(f"'{d}': neither {SUMMARY} nor {CONFIG} names the mechanisms and experts")
+    rows = [r for r in run.read_metrics() if "iteration" in r]
     return rows, list(names), int(N), splits
 
 

@@ -3,7 +3,7 @@
 The paper's section 5 (Figures 7 and 8), measured instead of only shown:
 
 - **Figure 7** ("the experts learn mechanisms that generalize"): every mechanism ``m`` of the run is
-  applied to ``N`` out-of-domain symbols (Omniglot when present, otherwise rendered letters and
+  applied to ``n`` out-of-domain symbols (Omniglot when present, otherwise rendered letters and
   symbols, see :mod:`icm_dist.data.symbols`), and every expert ``e`` of the final checkpoint is
   applied to the result. How close ``E_e(m(s))`` comes to the exact inverse, i.e. to the clean
   symbol ``s``, is its MSE to ``s``; doing nothing (``m(s)`` itself) is the baseline. Per mechanism:
@@ -26,24 +26,29 @@ callables, so it is tested with exact inverse functions standing in for experts.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import matplotlib
 
-from .data.mechanisms import SHIFT_PIXELS, get_mechanism
-from .errors import CheckpointError, ConfigError
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from ..data.mechanisms import SHIFT_PIXELS, get_mechanism  # noqa: E402
+from ..data.symbols import load_symbols  # noqa: E402
+from ..errors import CheckpointError, ConfigError  # noqa: E402
+from ..rundir import RunDir  # noqa: E402
+from .reuse import load_expert, open_source  # noqa: E402
 
 Fn = Callable[[Tensor], Tensor]
 
 DEFAULT_CHAIN = ("up_left", "invert", "noise")
 FIG7_FILE = "generalization.png"
 FIG8_FILE = "composition.png"
-JSON_FILE = "generalization.json"
 
 
 # ----------------------------------------------------------------------------- core
@@ -53,10 +58,10 @@ def _crop(x: Tensor, c: int) -> Tensor:
     return x[..., c:x.shape[-2] - c, c:x.shape[-1] - c] if c else x
 
 
-def per_example_mse(a_N1HW: Tensor, b_N1HW: Tensor, crop: int = SHIFT_PIXELS) -> Tensor:
-    """``[N]``: mean squared difference of each pair of images over the central crop (``crop`` pixels off
+def per_example_mse(a_B1HW: Tensor, b_B1HW: Tensor, crop: int = SHIFT_PIXELS) -> Tensor:
+    """``[B]``: mean squared difference of each pair of images over the central crop (``crop`` pixels off
     every side)."""
-    d = _crop(a_N1HW.float(), crop) - _crop(b_N1HW.float(), crop)
+    d = _crop(a_B1HW.float(), crop) - _crop(b_B1HW.float(), crop)
     return d.pow(2).flatten(1).mean(1)
 
 
@@ -77,7 +82,7 @@ def _mechanism(name: str, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
 def measure_generalization(
     experts: Sequence[Fn],
     names: Sequence[str],
-    symbols_N1HW: Tensor,
+    symbols_B1HW: Tensor,
     seed: int,
     captured: Mapping[str, int | None] | None = None,
     crop: int = SHIFT_PIXELS,
@@ -94,38 +99,38 @@ def measure_generalization(
     its MSE, whether they coincide, and the fractions of symbols for which the capturing and the best
     expert beat doing nothing. All MSEs on the central crop (see the module docstring).
     """
-    N = symbols_N1HW.shape[0]
-    if N == 0:
+    B = symbols_B1HW.shape[0]
+    if B == 0:
         raise ValueError("need at least one symbol")
     captured = dict(captured or {})
-    ids = torch.arange(N)
-    s = symbols_N1HW.float()
-    out = {"num_symbols": N, "num_experts": len(experts), "mechanisms": list(names), "crop": crop,
+    ids = torch.arange(B)
+    s = symbols_B1HW.float()
+    out = {"num_symbols": B, "num_experts": len(experts), "mechanisms": list(names), "crop": crop,
            "mse": [], "input_mse": [], "per_mechanism": {}}
     for name in names:
         x = _mechanism(name, seed)(s, ids)
-        base_N = per_example_mse(x, s, crop)
-        mse_EN = torch.stack([per_example_mse(run_batched(e, x, batch), s, crop) for e in experts]) \
-            if experts else torch.zeros(0, N)
-        mean_E = mse_EN.mean(1)
-        row = {"input_mse": float(base_N.mean())}
-        best = int(mean_E.argmin()) if len(experts) else None
+        base_B = per_example_mse(x, s, crop)
+        mse_NB = torch.stack([per_example_mse(run_batched(e, x, batch), s, crop) for e in experts]) \
+            if experts else torch.zeros(0, B)
+        mean_N = mse_NB.mean(1)
+        row = {"input_mse": float(base_B.mean())}
+        best = int(mean_N.argmin()) if len(experts) else None
         row["best_expert"] = best
-        row["best_mse"] = float(mean_E[best]) if best is not None else None
-        row["best_beats_input"] = float((mse_EN[best] < base_N).float().mean()) if best is not None else None
+        row["best_mse"] = float(mean_N[best]) if best is not None else None
+        row["best_beats_input"] = float((mse_NB[best] < base_B).float().mean()) if best is not None else None
         c = captured.get(name)
         row["captured_by"] = c
         if c is not None and 0 <= int(c) < len(experts):
             c = int(c)
-            row["captured_mse"] = float(mean_E[c])
+            row["captured_mse"] = float(mean_N[c])
             row["captured_is_best"] = c == best
-            row["captured_beats_input"] = float((mse_EN[c] < base_N).float().mean())
-            row["captured_error_reduction"] = 1.0 - float(mean_E[c]) / max(float(base_N.mean()), 1e-12)
+            row["captured_beats_input"] = float((mse_NB[c] < base_B).float().mean())
+            row["captured_error_reduction"] = 1.0 - float(mean_N[c]) / max(float(base_B.mean()), 1e-12)
         else:
             row.update(captured_mse=None, captured_is_best=None, captured_beats_input=None,
                        captured_error_reduction=None)
         out["per_mechanism"][name] = row
-        out["mse"].append([float(v) for v in mean_E])
+        out["mse"].append([float(v) for v in mean_N])
         out["input_mse"].append(row["input_mse"])
     return out
 
@@ -134,7 +139,7 @@ def measure_generalization(
 def measure_composition(
     chain: Sequence[str],
     undo: Sequence[Fn],
-    symbols_N1HW: Tensor,
+    symbols_B1HW: Tensor,
     seed: int,
     crop: int = SHIFT_PIXELS,
     batch: int | None = 100,
@@ -150,9 +155,9 @@ def measure_composition(
     """
     if len(undo) != len(chain):
         raise ValueError(f"need one inverse per mechanism: {len(chain)} mechanisms, {len(undo)} inverses")
-    N = symbols_N1HW.shape[0]
-    ids = torch.arange(N)
-    s = symbols_N1HW.float()
+    B = symbols_B1HW.shape[0]
+    ids = torch.arange(B)
+    s = symbols_B1HW.float()
     partial = [s]  # partial[k]: the first k mechanisms applied
     for name in chain:
         partial.append(_mechanism(name, seed)(partial[-1], ids))
@@ -171,7 +176,7 @@ def measure_composition(
     out = {"chain": list(chain), "stages": stages, "input_mse": stages[0]["mse"], "final_mse": stages[-1]["mse"],
            "final_beats_input": float((per_example_mse(x, s, crop) < per_example_mse(partial[-1], s, crop))
                                       .float().mean()),
-           "num_symbols": N, "crop": crop}
+           "num_symbols": B, "crop": crop}
     return out, images
 
 
@@ -198,15 +203,13 @@ def expert_fn(expert: torch.nn.Module) -> Fn:
 def load_run(run_dir: str | Path):
     """(source, experts): the run's final checkpoint with its config and summary, and every expert as a
     plain ``Expert`` in eval mode."""
-    from .reuse import load_expert, open_source
-
-    run = Path(run_dir)
-    if not run.is_dir():
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
         raise CheckpointError(f"run directory '{run}' does not exist")
-    if not (run / "checkpoints" / "latest").is_file():
+    if not (run.checkpoints / "latest").is_file():
         raise CheckpointError(f"'{run}' has no checkpoints/latest: not an icm-dist run directory, or a run that "
                               f"has not saved a checkpoint yet")
-    src = open_source(run)
+    src = open_source(run.path)
     experts = [load_expert(src, g) for g in range(src.manifest["num_experts"])]
     return src, experts
 
@@ -226,28 +229,23 @@ def _tile(ax, img: Tensor, frame: str | None = None) -> None:
 
 
 @torch.no_grad()
-def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_N1HW: Tensor, seed: int,
+def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_B1HW: Tensor, seed: int,
                        result: dict, path: Path) -> Path:
     """Figure 7: a column per mechanism (a different symbol each, transformed, on top), a row per expert
     (the capturing experts first, so they form the diagonal), the clean symbol at the bottom. The
     capturing expert's tile is framed red, the best expert's (when it is another) orange."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    M, E, N = len(names), len(experts), symbols_N1HW.shape[0]
+    M, N, B = len(names), len(experts), symbols_B1HW.shape[0]
     per = result["per_mechanism"]
     order = []
     for n in names:
         c = per[n]["captured_by"]
-        if c is not None and c not in order and 0 <= c < E:
+        if c is not None and c not in order and 0 <= c < N:
             order.append(c)
-    order += [e for e in range(E) if e not in order]
-    fig, axes = plt.subplots(E + 2, M, figsize=(0.3 + 0.95 * M, 0.95 * (E + 2)), squeeze=False)
+    order += [e for e in range(N) if e not in order]
+    fig, axes = plt.subplots(N + 2, M, figsize=(0.3 + 0.95 * M, 0.95 * (N + 2)), squeeze=False)
     for m, name in enumerate(names):
-        k = m % N
-        s = symbols_N1HW[k:k + 1].float()
+        k = m % B
+        s = symbols_B1HW[k:k + 1].float()
         x = _mechanism(name, seed)(s, torch.tensor([k]))
         _tile(axes[0, m], x)
         axes[0, m].set_title(f"{name}\nin {per[name]['input_mse']:.3f}", fontsize=7)
@@ -258,9 +256,9 @@ def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_N1HW
             axes[r, m].set_xlabel(f"{result['mse'][m][e]:.3f}", fontsize=6, labelpad=1)
             if m == 0:
                 axes[r, m].set_ylabel(f"E{e}", fontsize=7)
-        _tile(axes[E + 1, m], s)
+        _tile(axes[N + 1, m], s)
     axes[0, 0].set_ylabel("input", fontsize=7)
-    axes[E + 1, 0].set_ylabel("clean", fontsize=7)
+    axes[N + 1, 0].set_ylabel("clean", fontsize=7)
     fig.suptitle("experts on unseen symbols\nMSE to the clean symbol under each tile\nred: captured, "
                  "orange: best", fontsize=7)
     fig.tight_layout()
@@ -271,11 +269,6 @@ def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_N1HW
 
 def composition_png(images: Sequence[Tensor], row_labels: Sequence[str], path: Path) -> Path:
     """Figure 8: a row per stage (input, after each expert, ground truth), a column per symbol."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     R, K = len(images), images[0].shape[0]
     fig, axes = plt.subplots(R, K, figsize=(1.6 + 0.8 * K, 0.85 * R), squeeze=False)
     for r in range(R):
@@ -297,14 +290,12 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
                symbol_seed: int = 0, batch: int = 100, log=print) -> dict:
     """Figures 7 and 8 for a finished run: numbers to ``out`` (default RUN_DIR/generalization.json),
     figures to RUN_DIR/figures/. Returns the numbers."""
-    from .data.symbols import load_symbols
-
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     for name in chain:
         get_mechanism(name)  # an unknown name is a ConfigError listing the known ones
-    run = Path(run_dir)
-    src, modules = load_run(run)
+    run = RunDir(run_dir)
+    src, modules = load_run(run.path)
     experts = [expert_fn(e) for e in modules]
     names, seed = src.names, int(src.cfg.seed)
     sym = load_symbols(symbols_root, n=n, source=source, seed=symbol_seed)
@@ -320,42 +311,50 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
         "captured": {nm: captured.get(nm) for nm in names}, "notes": notes,
     }
     result["generalization"] = measure_generalization(experts, names, sym.images, seed, captured, batch=batch)
-    figs = run / "figures"
+    figs = run.figures
     figs.mkdir(parents=True, exist_ok=True)
     result["figures"] = {"generalization": str(generalization_png(
         experts, names, sym.images, seed, result["generalization"], figs / FIG7_FILE))}
+    undo = _undo_experts(src.summary, names, captured, chain)
+    result["composition"], result["figures"]["composition"] = _composition(
+        chain, undo, names, experts, sym.images, seed, batch, figs / FIG8_FILE)
+    path = run.write_generalization(result, out)
+    result["json"] = str(path)
+    _report(result, log)
+    return result
 
+
+def _undo_experts(summary: dict | None, names: Sequence[str], captured: Mapping[str, int | None],
+                  chain: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """The expert that undoes each mechanism of the chain, with a note for the label: its captor, else its
+    top winner. Mechanisms with neither are left out."""
     # A mechanism that was not captured (say, split between two experts) is undone by its top winner on
     # the test digits, as a user would pick it from the win matrix; the result records which was used.
     top = {}
-    if src.summary and src.summary.get("win_matrix"):
-        wm = src.summary["win_matrix"]
+    if summary and summary.get("win_matrix"):
+        wm = summary["win_matrix"]
         top = {nm: max(range(len(wm[m])), key=lambda e: wm[m][e]) for m, nm in enumerate(names) if any(wm[m])}
-    # The expert that undoes each mechanism of the chain: its captor, else its top winner.
-    undo = {nm: (int(captured[nm]), "") if captured.get(nm) is not None else (top[nm], ", top winner, not captured")
+    return {nm: (int(captured[nm]), "") if captured.get(nm) is not None else (top[nm], ", top winner, not captured")
             for nm in chain if captured.get(nm) is not None or nm in top}
+
+
+def _composition(chain: Sequence[str], undo: dict[str, tuple[int, str]], names: Sequence[str],
+                 experts: Sequence[Fn], symbols_B1HW: Tensor, seed: int, batch: int,
+                 png: Path) -> tuple[dict, str | None]:
+    """Figure 8: (numbers, figure path), or the reason it was skipped and None when a mechanism of the
+    chain has no expert to undo it."""
     missing = [nm for nm in chain if nm not in undo]
     if missing:
         why = ", ".join(f"'{nm}' " + ("is not a mechanism of this run" if nm not in names else "was not captured")
                         for nm in missing)
-        result["composition"] = {"chain": list(chain), "skipped": f"{why}; no expert to undo it"}
-        result["figures"]["composition"] = None
-    else:
-        undo_ids = [undo[nm][0] for nm in reversed(chain)]
-        labels = [f"E{undo[nm][0]} ({nm}{undo[nm][1]})" for nm in reversed(chain)]
-        comp, images = measure_composition(chain, [experts[g] for g in undo_ids], sym.images, seed,
-                                           batch=batch, labels=labels)
-        comp["experts"] = undo_ids
-        result["composition"] = comp
-        rows = ["input"] + [f"after {lb}" for lb in labels] + ["ground truth"]
-        result["figures"]["composition"] = str(composition_png(images, rows, figs / FIG8_FILE))
-
-    path = Path(out) if out else run / JSON_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    result["json"] = str(path)
-    _report(result, log)
-    return result
+        return {"chain": list(chain), "skipped": f"{why}; no expert to undo it"}, None
+    undo_ids = [undo[nm][0] for nm in reversed(chain)]
+    labels = [f"E{undo[nm][0]} ({nm}{undo[nm][1]})" for nm in reversed(chain)]
+    comp, images = measure_composition(chain, [experts[g] for g in undo_ids], symbols_B1HW, seed,
+                                       batch=batch, labels=labels)
+    comp["experts"] = undo_ids
+    rows = ["input"] + [f"after {lb}" for lb in labels] + ["ground truth"]
+    return comp, str(composition_png(images, rows, png))
 
 
 def _fmt(v, spec=".4f") -> str:

@@ -2,32 +2,34 @@
 
 Needs nothing but the run directories (``config.yaml``, ``summary.json``, ``metrics.jsonl``, and
 ``generalization.json`` where ``icm-dist generalize`` wrote one): no wandb, no checkpoints, no data
-set. Runs whose configs are equal apart from the keys in :data:`IGNORED_KEYS` (the seed, where the
-run was written, how it was tracked) form one group; a group's label is the keys in which it
-differs from the other groups. For each group the table gives the mean and the sample standard
-deviation over its runs (normally: over seeds), and a PNG shows restored accuracy over training
-(one line per run, a colour per group) and the number of captured mechanisms per run.
+set. Runs whose configs are equal apart from the keys in :data:`icm_dist.config.IGNORED_KEYS` (the
+seed, where the run was written, how it was tracked) form one group; a group's label is the keys in
+which it differs from the other groups. For each group the table gives the mean and the sample
+standard deviation over its runs (normally: over seeds), and a PNG shows restored accuracy over
+training (one line per run, a colour per group) and the number of captured mechanisms per run.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+import matplotlib
 
-from .config import experiment_config, experiment_hash
-from .errors import IcmError
-from .utils import flatten, read_metrics
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from ..config import experiment_config, experiment_hash  # noqa: E402
+from ..errors import IcmError  # noqa: E402
+from ..rundir import CONFIG, SUMMARY, RunDir  # noqa: E402
 
 
 class CompareError(IcmError):
     """A run directory that cannot be compared."""
-
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -35,37 +37,41 @@ class CompareError(IcmError):
 
 def load_run(run_dir: str | Path) -> dict:
     """One run directory as {dir, config, summary, curve}; raises CompareError if it is not a finished run."""
-    d = Path(run_dir)
+    run = RunDir(run_dir)
+    d = run.path
     if not d.is_dir():
         raise CompareError(f"'{d}' is not a directory (pass run directories, the run.out_dir of each run)")
-    cfg_p, sum_p = d / "config.yaml", d / "summary.json"
-    if not cfg_p.is_file():
-        raise CompareError(f"'{d}' has no config.yaml: not a run directory")
-    if not sum_p.is_file():
-        raise CompareError(f"'{d}' has no summary.json: the run has not finished (resume it with resume=auto)")
+    if not run.config_file.is_file():
+        raise CompareError(f"'{d}' has no {CONFIG}: not a run directory")
+    if not run.summary_file.is_file():
+        raise CompareError(f"'{d}' has no {SUMMARY}: the run has not finished (resume it with resume=auto)")
     try:
-        cfg = yaml.safe_load(cfg_p.read_text()) or {}
-        summary = json.loads(sum_p.read_text())
+        cfg = run.read_config()
+        summary = run.read_summary()
     except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise CompareError(f"'{d}': cannot read config.yaml / summary.json ({e})") from None
-    m_p = d / "metrics.jsonl"
-    curve = [(row["iteration"], row["eval/accuracy/restored"]) for row in (read_metrics(m_p) if m_p.is_file() else [])
+        raise CompareError(f"'{d}': cannot read {CONFIG} / {SUMMARY} ({e})") from None
+    curve = [(row["iteration"], row["eval/accuracy/restored"]) for row in run.read_metrics()
              if row.get("eval/accuracy/restored") is not None]
-    gen = None
-    g_p = d / "generalization.json"
-    if g_p.is_file():
-        try:
-            gen = json.loads(g_p.read_text())
-        except json.JSONDecodeError as e:
-            # A broken side file should not drop the run's own metrics from the comparison.
-            print(f"ignored '{g_p}': cannot read it ({e}); rerun icm-dist generalize", file=sys.stderr)
-        # A run trained on after `icm-dist generalize` (train.iterations raised, resume=auto) keeps the old
-        # file; its numbers describe other experts than the summary's, so they must not sit in one row.
-        if gen is not None and gen.get("iteration") not in (None, summary.get("iterations")):
-            print(f"ignored '{g_p}': measured at iteration {gen['iteration']}, the run is at {summary.get('iterations')}; "
-                  "rerun icm-dist generalize", file=sys.stderr)
-            gen = None
-    return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve, "generalization": gen}
+    return {"dir": str(d), "config": cfg, "summary": summary, "curve": curve,
+            "generalization": _generalization(run, summary)}
+
+
+def _generalization(run: RunDir, summary: dict) -> dict | None:
+    """The run's generalization.json, or None if there is none, it is unreadable, or it is stale."""
+    g_p = run.generalization_file
+    try:
+        gen = run.read_generalization()
+    except json.JSONDecodeError as e:
+        # A broken side file should not drop the run's own metrics from the comparison.
+        print(f"ignored '{g_p}': cannot read it ({e}); rerun icm-dist generalize", file=sys.stderr)
+        return None
+    # A run trained on after `icm-dist generalize` (train.iterations raised, resume=auto) keeps the old
+    # file; its numbers describe other experts than the summary's, so they must not sit in one row.
+    if gen is not None and gen.get("iteration") not in (None, summary.get("iterations")):
+        print(f"ignored '{g_p}': measured at iteration {gen['iteration']}, the run is at {summary.get('iterations')}; "
+              "rerun icm-dist generalize", file=sys.stderr)
+        return None
+    return gen
 
 
 # ----------------------------------------------------------------------------- grouping and statistics
@@ -142,7 +148,8 @@ def group_runs(runs: list[dict]) -> list[dict]:
             "label": label, "differs_in": {k: g["config"].get(k) for k in differing}, "n": len(g["runs"]),
             # The paper's own measure of a run: did every mechanism end up with an expert of its own?
             "all_captured": sum(1 for v in stats["captured"]["values"] if mechs and v == len(mechs)),
-            "seeds": seeds, "num_mechanisms": len(mechs), "iterations": [r["summary"].get("iterations") for r in g["runs"]],
+            "seeds": seeds, "num_mechanisms": len(mechs),
+            "iterations": [r["summary"].get("iterations") for r in g["runs"]],
             "runs": [r["dir"] for r in g["runs"]], "stats": stats,
             "experiment": experiment_hash(g["runs"][0]["config"]),
         })
@@ -183,11 +190,6 @@ def format_table(groups: list[dict]) -> str:
 
 def plot(runs: list[dict], groups: list[dict], path: Path) -> Path:
     """Restored accuracy over training (left) and captured mechanisms per run (right), coloured by group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_dir = {r["dir"]: r for r in runs}
     cmap = plt.get_cmap("tab10")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})

@@ -1,8 +1,9 @@
-"""Process groups for python / torchrun / accelerate, the shard plan, and the step's collectives.
+"""Processes and what passes between them: the process group, the shard plan and the collectives.
 
-Pure logic (the shard plan, padding, winner settlement) is free of process groups so it can be
-tested on its own; :class:`Dist` wraps the few collectives the trainer needs and degrades to
-no-ops in a single process, so world size 1 runs exactly the same code.
+:class:`ShardPlan` and the score padding are pure logic, tested without a process group.
+:class:`Dist` wraps the few collectives the trainer needs and degrades to no-ops in a single
+process, so world size 1 runs exactly the same code. It is the one place that calls
+``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
 from .config import Config, config_hash
 from .errors import LaunchError
 
-# ----------------------------------------------------------------------------- pure logic
+# ----------------------------------------------------------------------------- the shard plan
 
 
 @dataclass(frozen=True)
@@ -67,95 +68,18 @@ def real_slice(batch: int, world_size: int, rank: int) -> slice:
     return slice(start, start + q + (1 if rank < r else 0))
 
 
-def pad_scores(scores_Be: torch.Tensor, max_block: int) -> torch.Tensor:
-    """Pad a rank's ``[B, e]`` scores to ``[B, max_block]`` with -inf (collectives want equal shapes)."""
-    B, e = scores_Be.shape
-    if e == max_block:
-        return scores_Be.contiguous()
-    pad = scores_Be.new_full((B, max_block - e), float("-inf"))
-    return torch.cat([scores_Be, pad], dim=1)
+def pad_scores(scores_BE: torch.Tensor, max_block: int) -> torch.Tensor:
+    """Pad a rank's ``[B, E]`` scores to ``[B, K]`` (K = ``max_block``) with -inf: collectives want equal shapes."""
+    B, E = scores_BE.shape
+    if E == max_block:
+        return scores_BE.contiguous()
+    pad = scores_BE.new_full((B, max_block - E), float("-inf"))
+    return torch.cat([scores_BE, pad], dim=1)
 
 
-def unpad_scores(gathered_WBm: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
-    """``[W, B, max_block]`` gathered blocks to the ``[B, N']`` score matrix in global expert order."""
-    return torch.cat([gathered_WBm[r, :, :n] for r, n in enumerate(plan.sizes)], dim=1)
-
-
-def settle_winners(scores_BN: torch.Tensor) -> torch.Tensor:
-    """Winner of each example: the argmax of its row, ties to the lowest global expert id.
-
-    Written out rather than trusting argmax's tie rule: the lowest index among the row maxima.
-    """
-    row_max = scores_BN.max(dim=1, keepdim=True).values
-    is_max = scores_BN == row_max
-    ids = torch.arange(scores_BN.shape[1], device=scores_BN.device).expand_as(scores_BN)
-    big = torch.full_like(ids, scores_BN.shape[1])
-    return torch.where(is_max, ids, big).min(dim=1).values
-
-
-def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Winners when no expert may take more than ``capacity`` examples of the batch.
-
-    Pairs (example, expert) are taken in order of decreasing score (ties: lower example, then lower
-    expert id); a pair is assigned when its example is still free and its expert has room. Every
-    example whose best expert has room gets that expert, as with :func:`settle_winners`; the rest
-    go to their best expert with room. Computed from the gathered score matrix, so every rank
-    settles the same winners.
-    """
-    B, N = scores_BN.shape
-    if capacity * N < B:
-        raise ValueError(f"capacity {capacity} x {N} experts cannot hold {B} examples")
-    order = torch.sort(-scores_BN.detach().float().flatten().cpu(), stable=True).indices.tolist()
-    winners = [-1] * B
-    load = [0] * N
-    free = B
-    for k in order:
-        i, j = divmod(k, N)
-        if winners[i] < 0 and load[j] < capacity:
-            winners[i] = j
-            load[j] += 1
-            free -= 1
-            if free == 0:
-                break
-    return torch.tensor(winners, device=scores_BN.device)
-
-
-def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float) -> list[tuple[int, int]]:
-    """Which experts to split into which, from the examples each won since the last check.
-
-    Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
-    with the busiest (won at least ``donor_share`` fair shares), the next idlest with the next busiest,
-    each expert in at most one pair. Ties go to the lower expert id. Every rank computes the same pairs
-    from the same (all-gathered) winners.
-    """
-    wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
-    N, total = len(wins), sum(wins)
-    if total <= 0:
-        return []
-    fair = total / N
-    idle = sorted((e for e in range(N) if wins[e] < idle_share * fair), key=lambda e: (wins[e], e))
-    donors = sorted((e for e in range(N) if wins[e] >= donor_share * fair), key=lambda e: (-wins[e], e))
-    return list(zip(donors, idle))
-
-
-def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:
-    """A donor and its fresh copy divide the examples either of them won: the copy takes the
-    ``floor(k / 2)`` the donor scores lowest (ties: lower example index), the donor keeps the rest.
-
-    The pool is "won by either" because a copy starts equal to its donor, so argmax ties hand every
-    such example to whichever of the two has the lower id. Taking the donor's weakest half sends the
-    copy towards what the donor does worst: when the donor holds two mechanisms, mostly one of them.
-    """
-    pool = torch.nonzero((winners_B == donor) | (winners_B == copy)).squeeze(1)
-    out = winners_B.clone()
-    if pool.numel() == 0:
-        return out
-    s = scores_BN[pool, donor].detach().float().cpu()
-    order = torch.sort(s, stable=True).indices.to(pool.device)
-    k = pool.numel() // 2
-    out[pool] = donor
-    out[pool[order[:k]]] = copy
-    return out
+def unpad_scores(gathered_RBK: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
+    """``[R, B, K]`` gathered blocks to the ``[B, N]`` score matrix in global expert order."""
+    return torch.cat([gathered_RBK[r, :, :n] for r, n in enumerate(plan.sizes)], dim=1)
 
 
 # ----------------------------------------------------------------------------- process groups
@@ -182,39 +106,39 @@ class Dist:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def gather_scores(self, scores_Be: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
-        """All ranks' local scores as one ``[B, N']`` matrix, identical on every rank."""
+    def gather_scores(self, scores_BE: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
+        """All ranks' local ``[B, E]`` scores as one ``[B, N]`` matrix, identical on every rank."""
         if not self.enabled:
-            return scores_Be
-        padded = pad_scores(scores_Be, plan.max_block)
+            return scores_BE
+        padded = pad_scores(scores_BE, plan.max_block)
         # all_gather of a list works on gloo and nccl alike (gloo has no all_gather_into_tensor).
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)
+        tdist.all_gather(parts, padded)
         return unpad_scores(torch.stack(parts), plan)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
     def all_gather_object(self, obj) -> list:
         if not self.enabled:
             return [obj]
         out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        tdist.all_gather_object(out, obj)
         return out
 
     def broadcast_object(self, obj, src: int = 0):
         if not self.enabled:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        tdist.broadcast_object_list(box, src=src)
         return box[0]
 
     def barrier(self) -> None:
         if self.enabled:
             # gloo's barrier is a real collective; nccl's wants the device, which is already set.
-            dist.barrier()
+            tdist.barrier()
 
     def wrap_discriminator(self, disc: torch.nn.Module) -> torch.nn.Module:
         """D replicated with DDP; the experts never go through DDP (each lives on one rank)."""
@@ -227,8 +151,8 @@ class Dist:
         return torch.nn.parallel.DistributedDataParallel(disc, device_ids=ids)
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        if self.enabled and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 def _pick_device(cfg: Config, local_rank: int) -> torch.device:
@@ -251,9 +175,9 @@ def _restart_store(rank: int, world: int, timeout) -> dict:
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt in ("", "0"):
         return {}
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+    store = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
-    return {"store": dist.PrefixStore(f"/icm-dist/attempt_{attempt}", store), "rank": rank, "world_size": world}
+    return {"store": tdist.PrefixStore(f"/icm-dist/attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def init_distributed(cfg: Config) -> Dist:
@@ -283,19 +207,19 @@ def init_distributed(cfg: Config) -> Dist:
             accelerator = Accelerator(cpu=device.type != "cuda",
                                       kwargs_handlers=[InitProcessGroupKwargs(backend=backend, timeout=timeout)])
         else:
-            dist.init_process_group(backend=backend, timeout=timeout,
+            tdist.init_process_group(backend=backend, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None,
                                     **_restart_store(rank, world, timeout))
     launcher = "accelerate" if launched_by_accelerate() else ("torchrun" if "TORCHELASTIC_RUN_ID" in os.environ
                                                                 else "python")
-    d = Dist(rank, world, local_rank, device, accelerator, launcher)
-    check_same_config(d, cfg)
-    return d
+    dist = Dist(rank, world, local_rank, device, accelerator, launcher)
+    check_same_config(dist, cfg)
+    return dist
 
 
-def check_same_config(d: Dist, cfg: Config) -> None:
+def check_same_config(dist: Dist, cfg: Config) -> None:
     """Every rank must run the same config: compare hashes before any work (an error on all ranks, no hang)."""
-    hashes = d.all_gather_object(config_hash(cfg))
+    hashes = dist.all_gather_object(config_hash(cfg))
     if len(set(hashes)) > 1:
         detail = ", ".join(f"rank {r}: {h}" for r, h in enumerate(hashes))
         raise LaunchError(f"ranks were started with different configs ({detail}); launch every rank with the "

@@ -1,0 +1,1 @@
+"""The icm-dist subcommands: train and the tools that read, compare and reuse finished runs."""

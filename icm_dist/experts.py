@@ -1,0 +1,186 @@
+"""A rank's experts: the bank, their masked Adam, and one expert's state (get, load, copy).
+
+:class:`LocalExperts` is the rank's block of the committee. :class:`ExpertState` is everything one
+expert is (its ``Expert`` state dict and its Adam moments and step): what a checkpoint file holds,
+what a split copies from one expert into another, and what surgery moves between committees.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .config import Config
+from .dist import Dist, ShardPlan
+from .models import ExpertBank
+
+
+class ExpertState(NamedTuple):
+    """One expert: ``model`` in ``Expert``'s state-dict layout, ``optim`` its Adam state
+    (``<param>.exp_avg``, ``<param>.exp_avg_sq``, ``step``)."""
+
+    model: dict[str, torch.Tensor]
+    optim: dict[str, torch.Tensor]
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """One flat dict, ``model.*`` and ``optim.*``: the tensors of an expert file."""
+        return {**{f"model.{k}": v for k, v in self.model.items()}, **{f"optim.{k}": v for k, v in self.optim.items()}}
+
+    @classmethod
+    def from_flat(cls, tensors: dict[str, torch.Tensor]) -> "ExpertState":
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        return cls(part("model."), part("optim."))
+
+    def cpu(self) -> "ExpertState":
+        return ExpertState({k: v.cpu() for k, v in self.model.items()}, {k: v.cpu() for k, v in self.optim.items()})
+
+
+class MaskedAdam:
+    """Adam over a bank's stacked parameters, stepping only the experts in a mask.
+
+    ``torch.optim.Adam`` on the stacked tensors would move every expert every step (zero gradient
+    still moves the weights through the first moment), so a loser would drift. Here each expert has
+    its own step count and the update is written back only where the mask is set, bitwise leaving
+    the others alone. The arithmetic follows torch.optim.Adam's single-tensor path.
+    """
+
+    def __init__(self, bank: ExpertBank, lr: float, betas, eps: float):
+        self.bank, self.lr, self.eps = bank, lr, eps
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.names = [n for n, _ in bank.named_parameters()]
+        self.params = [p for _, p in bank.named_parameters()]
+        E = bank.num
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.step_E = torch.zeros(E, dtype=torch.float32, device=self.params[0].device)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, mask_E: torch.Tensor) -> None:
+        E = self.bank.num
+        if not bool(mask_E.any()):
+            return
+        self.step_E += mask_E.to(self.step_E.dtype)
+        step = self.step_E.double().clamp(min=1)
+        bc1 = 1 - self.beta1 ** step
+        bc2_sqrt = (1 - self.beta2 ** step).sqrt()
+        step_size = (self.lr / bc1).to(self.params[0].dtype)
+        bc2_sqrt = bc2_sqrt.to(self.params[0].dtype)
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            # Split only the leading dim into [E, ...]: a view under any memory format (channels_last too).
+            g = p.grad.unflatten(0, (E, -1))
+            pv, mv, vv = p.unflatten(0, (E, -1)), m.unflatten(0, (E, -1)), v.unflatten(0, (E, -1))
+            bshape = (E,) + (1,) * (pv.dim() - 1)
+            keep = mask_E.view(bshape)
+            m_new = mv.lerp(g, 1 - self.beta1)
+            v_new = vv.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v_new.sqrt() / bc2_sqrt.view(bshape)).add_(self.eps)
+            p_new = pv.addcdiv(m_new * step_size.view(bshape), denom, value=-1.0)
+            mv.copy_(torch.where(keep, m_new, mv))
+            vv.copy_(torch.where(keep, v_new, vv))
+            pv.copy_(torch.where(keep, p_new, pv))
+
+    # -- per-expert state, for checkpoints -------------------------------------------------
+    def expert_state(self, j: int) -> dict[str, torch.Tensor]:
+        E = self.bank.num
+        out = {}
+        views = self.bank.expert_tensors()
+        for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+            shape = views[n].shape[1:]
+            out[f"{n}.exp_avg"] = m.view(E, *shape)[j].clone()
+            out[f"{n}.exp_avg_sq"] = v.view(E, *shape)[j].clone()
+        out["step"] = self.step_E[j:j + 1].clone()
+        return out
+
+    @torch.no_grad()
+    def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        E = self.bank.num
+        views = self.bank.expert_tensors()
+        for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+            shape = views[n].shape[1:]
+            m.view(E, *shape)[j].copy_(state[f"{n}.exp_avg"])
+            v.view(E, *shape)[j].copy_(state[f"{n}.exp_avg_sq"])
+        self.step_E[j] = state["step"].reshape(())
+
+
+class LocalExperts:
+    """A rank's block of experts: the bank, its masked Adam, and BatchNorm buffer bookkeeping."""
+
+    def __init__(self, cfg: Config, ids: list[int], device: torch.device):
+        self.cfg = cfg
+        self.ids = list(ids)
+        self.bank = ExpertBank.create(cfg.expert, cfg.seed, self.ids).to(device)
+        if cfg.train.channels_last:
+            self.bank = self.bank.to(memory_format=torch.channels_last)
+        self.opt = self.new_optimizer()
+        # The training-mode pass over all experts: the dense step and identity initialization call it
+        # with the same [B, E, H, W] shape, so one compiled graph serves both. Evaluation (eval-mode
+        # BatchNorm, other batch sizes) and the winners mode (shapes change every step) stay eager.
+        # The compiled module shares the bank's parameters and buffers: checkpoints see no difference.
+        self.train_forward = torch.compile(self.bank, dynamic=False) if cfg.train.compile else self.bank
+
+    def new_optimizer(self) -> MaskedAdam:
+        t = self.cfg.train
+        return MaskedAdam(self.bank, t.lr_expert, t.betas, t.eps)
+
+    @property
+    def num(self) -> int:
+        return len(self.ids)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [b for n, b in self.bank.named_buffers() if not n.endswith("num_batches_tracked")]
+
+    def snapshot_buffers(self) -> list[torch.Tensor]:
+        return [b.clone() for b in self.buffers()]
+
+    @torch.no_grad()
+    def restore_buffers(self, saved: list[torch.Tensor], restore_E: torch.Tensor) -> None:
+        """Put back the running statistics of the experts in ``restore_E`` (the losers of a step)."""
+        E = self.num
+        for b, s in zip(self.buffers(), saved):
+            bv, sv = b.view(E, -1), s.view(E, -1)
+            bv.copy_(torch.where(restore_E.view(E, 1), sv, bv))
+
+    def expand_input(self, x_B1HW: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x_B1HW.shape
+        x = x_B1HW.expand(B, self.num, H, W)
+        if self.cfg.train.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    # -- one expert's state ----------------------------------------------------------------
+    def state(self, j: int) -> ExpertState:
+        """Local expert ``j``'s weights, BatchNorm buffers and Adam state (copies)."""
+        return ExpertState(self.bank.expert_state(j), self.opt.expert_state(j))
+
+    def load_state(self, j: int, state: ExpertState) -> None:
+        """Make local expert ``j`` the expert ``state`` describes (raises ValueError/KeyError if it does not fit)."""
+        self.bank.load_expert_state(j, state.model)
+        self.opt.load_expert_state(j, state.optim)
+
+
+@torch.no_grad()
+def copy_expert(experts: LocalExperts, plan: ShardPlan, dist: Dist, src: int, dst: int) -> None:
+    """Make global expert ``dst`` a copy of global expert ``src``: weights, BatchNorm buffers, Adam moments
+    and step count. Every rank must call it with the same ids (a collective when the owners differ)."""
+    src_rank, dst_rank = plan.owner(src), plan.owner(dst)
+    payload = None
+    if dist.rank == src_rank:
+        # On the CPU so that the pickled broadcast never carries device tensors (NCCL or not, the
+        # receiving rank puts them on its own device when it loads them).
+        payload = experts.state(src - plan.starts[src_rank]).cpu()
+    if src_rank != dst_rank:
+        # A broadcast from the owner over the whole group, not a send to one rank: every rank takes part
+        # in the same collectives in the same order, which keeps the group's sequence numbers aligned.
+        payload = dist.broadcast_object(payload, src=src_rank)
+    if dist.rank == dst_rank:
+        experts.load_state(dst - plan.starts[dst_rank], ExpertState(*payload))
+

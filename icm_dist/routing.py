@@ -1,0 +1,88 @@
+"""Who wins: winner settlement, the capacity cap and the split policy, as pure functions.
+
+Everything here works on the gathered ``[B, N]`` score matrix (or on win counts), which is the same
+on every rank, so every rank computes the same decision without talking to the others. No process
+group, no module state: tests call these directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def settle_winners(scores_BN: torch.Tensor) -> torch.Tensor:
+    """Winner of each example: the argmax of its row, ties to the lowest global expert id.
+
+    Written out rather than trusting argmax's tie rule: the lowest index among the row maxima.
+    """
+    row_max = scores_BN.max(dim=1, keepdim=True).values
+    is_max = scores_BN == row_max
+    ids = torch.arange(scores_BN.shape[1], device=scores_BN.device).expand_as(scores_BN)
+    big = torch.full_like(ids, scores_BN.shape[1])
+    return torch.where(is_max, ids, big).min(dim=1).values
+
+
+def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Winners when no expert may take more than ``capacity`` examples of the batch.
+
+    Pairs (example, expert) are taken in order of decreasing score (ties: lower example, then lower
+    expert id); a pair is assigned when its example is still free and its expert has room. Every
+    example whose best expert has room gets that expert, as with :func:`settle_winners`; the rest
+    go to their best expert with room. Computed from the gathered score matrix, so every rank
+    settles the same winners.
+    """
+    B, N = scores_BN.shape
+    if capacity * N < B:
+        raise ValueError(f"capacity {capacity} x {N} experts cannot hold {B} examples")
+    order = torch.sort(-scores_BN.detach().float().flatten().cpu(), stable=True).indices.tolist()
+    winners = [-1] * B
+    load = [0] * N
+    free = B
+    for k in order:
+        i, j = divmod(k, N)
+        if winners[i] < 0 and load[j] < capacity:
+            winners[i] = j
+            load[j] += 1
+            free -= 1
+            if free == 0:
+                break
+    return torch.tensor(winners, device=scores_BN.device)
+
+
+def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float) -> list[tuple[int, int]]:
+    """Which experts to split into which, from the examples each won since the last check.
+
+    Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
+    with the busiest (won at least ``donor_share`` fair shares), the next idlest with the next busiest,
+    each expert in at most one pair. Ties go to the lower expert id. Every rank computes the same pairs
+    from the same (all-gathered) winners.
+    """
+    wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
+    N, total = len(wins), sum(wins)
+    if total <= 0:
+        return []
+    fair = total / N
+    idle = sorted((e for e in range(N) if wins[e] < idle_share * fair), key=lambda e: (wins[e], e))
+    donors = sorted((e for e in range(N) if wins[e] >= donor_share * fair), key=lambda e: (-wins[e], e))
+    return list(zip(donors, idle))
+
+
+def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:
+    """A donor and its fresh copy divide the examples either of them won: the copy takes the
+    ``floor(k / 2)`` the donor scores lowest (ties: lower example index), the donor keeps the rest.
+
+    The pool is "won by either" because a copy starts equal to its donor, so argmax ties hand every
+    such example to whichever of the two has the lower id. Taking the donor's weakest half sends the
+    copy towards what the donor does worst: when the donor holds two mechanisms, mostly one of them.
+    """
+    pool = torch.nonzero((winners_B == donor) | (winners_B == copy)).squeeze(1)
+    out = winners_B.clone()
+    if pool.numel() == 0:
+        return out
+    s = scores_BN[pool, donor].detach().float().cpu()
+    order = torch.sort(s, stable=True).indices.to(pool.device)
+    k = pool.numel() // 2
+    out[pool] = donor
+    out[pool[order[:k]]] = copy
+    return out
+
