@@ -5,6 +5,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Each test chooses its wandb mode in its config (tracking.wandb.mode); WANDB_MODE from the shell would
+# override that choice (it takes precedence, as for users), turning wandb on where a test disabled it.
+os.environ.pop("WANDB_MODE", None)
+
 
 @pytest.fixture(scope="session")
 def data_root() -> str:

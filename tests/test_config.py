@@ -1,9 +1,12 @@
 """Config loading and validation: every bad input stops with one message naming the key."""
 
+import ast
+import inspect
 from pathlib import Path
 
 import pytest
 
+import icm_dist.config as config_module
 from icm_dist.config import Config, apply_override, config_hash, load_config
 from icm_dist.errors import ConfigError
 
@@ -104,3 +107,108 @@ def test_split_keys_are_checked():
         load_config(None, ["train.split_every=-1"])
     # with splits off, split_steps is not checked
     assert load_config(None, ["train.split_every=0", "train.split_steps=500"]).train.split_steps == 500
+
+
+# Every range check of config.validate, each with an input that trips it. The key must be the one the
+# error names; test_every_range_check_is_tested below fails when validate gains a check without a row here.
+RANGE_CHECKS = [
+    (["seed=-1"], "seed"),
+    (["threads=0"], "threads"),
+    (["data.mechanisms=[]"], "data.mechanisms"),
+    (["data.mechanisms=[twist]"], "data.mechanisms"),
+    (["data.mechanisms=[3]"], "data.mechanisms"),
+    (["data.mechanisms=[up,up]"], "data.mechanisms"),
+    (["data.canonical_examples=0"], "data.canonical_examples"),
+    (["data.transformed_examples=0"], "data.transformed_examples"),
+    (["expert.num=0"], "expert.num"),
+    (["expert.width=0"], "expert.width"),
+    (["expert.depth=0"], "expert.depth"),
+    (["expert.pool=3", "expert.depth=6"], "expert.pool"),
+    (["expert.pool=2", "expert.depth=3"], "expert.depth"),
+    (["discriminator.widths=[]"], "discriminator.widths"),
+    (["discriminator.widths=[8,0]"], "discriminator.widths"),
+    (["discriminator.widths=[2,2,2,2,2,2]"], "discriminator.widths"),
+    (["discriminator.hidden=0"], "discriminator.hidden"),
+    (["identity_init.max_steps=-1"], "identity_init.max_steps"),
+    (["identity_init.mse=0"], "identity_init.mse"),
+    (["identity_init.batch_size=0"], "identity_init.batch_size"),
+    (["train.iterations=-1"], "train.iterations"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.lr_expert=0"], "train.lr_expert"),
+    (["train.lr_discriminator=-1"], "train.lr_discriminator"),
+    (["train.eps=0"], "train.eps"),
+    (["train.betas=[0.9]"], "train.betas"),
+    (["train.betas=[0.9,1.0]"], "train.betas"),
+    (["train.capacity_factor=0.5"], "train.capacity_factor"),
+    (["train.capacity_iterations=-1"], "train.capacity_iterations"),
+    (["train.split_every=-1"], "train.split_every"),
+    (["train.split_every=10", "train.split_steps=20"], "train.split_steps"),
+    (["train.split_every=10", "train.split_steps=0"], "train.split_steps"),
+    (["train.split_idle_share=-0.1"], "train.split_idle_share"),
+    (["train.split_idle_share=2"], "train.split_idle_share"),
+    (["train.stop_when_stable=0"], "train.stop_when_stable"),
+    (["train.stop_when_stable=2", "eval.every=0"], "train.stop_when_stable"),
+    (["eval.every=-1"], "eval.every"),
+    (["eval.examples=0"], "eval.examples"),
+    (["eval.examples=10001"], "eval.examples"),
+    (["eval.final_examples=0"], "eval.final_examples"),
+    (["eval.final_examples=10001"], "eval.final_examples"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["eval.classifier_epochs=0"], "eval.classifier_epochs"),
+    (["eval.capture_threshold=0.5"], "eval.capture_threshold"),
+    (["eval.capture_threshold=1.5"], "eval.capture_threshold"),
+    (["checkpoint.every=-1"], "checkpoint.every"),
+    (["checkpoint.keep=0"], "checkpoint.keep"),
+    (["tracking.log_every=0"], "tracking.log_every"),
+    (["tracking.figures_every=-1"], "tracking.figures_every"),
+    (["tracking.figures_every=150", "eval.every=100"], "tracking.figures_every"),
+    (["dist.timeout_s=0"], "dist.timeout_s"),
+    (["run.out_dir=''"], "run.out_dir"),
+]
+
+
+def _range_error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("overrides,key", RANGE_CHECKS, ids=[" ".join(o) for o, _ in RANGE_CHECKS])
+def test_every_range_check_names_its_key(overrides, key):
+    msg = _range_error(overrides)
+    assert msg.startswith(f"config key '{key}'"), msg
+    assert len(msg.splitlines()) == 1, msg
+
+
+def _validate_checks() -> list[tuple[str, str]]:
+    """(key, the literal start of the message) of every need(...) call in config.validate, a key written
+    as an f-string expanded over the tuple its enclosing loop runs over."""
+    tree = ast.parse(inspect.getsource(config_module.validate))
+
+    def text(node, loop_values=()) -> list[str]:
+        if isinstance(node, ast.Constant):
+            return [node.value]
+        head = node.values[0].value if isinstance(node.values[0], ast.Constant) else ""
+        return [head + v for v in loop_values] if loop_values and len(node.values) == 2 else [head]
+
+    def calls(node, loop_values=()):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.For) and isinstance(child.iter, ast.Tuple):
+                yield from calls(child, [c.value for c in child.iter.elts])
+                continue
+            if isinstance(child, ast.Call) and getattr(child.func, "id", None) == "need":
+                yield from ((k, text(child.args[3])[0]) for k in text(child.args[1], loop_values))
+            yield from calls(child, loop_values)
+
+    return list(calls(tree))
+
+
+def test_every_range_check_is_tested():
+    """Each need(...) in validate (key and message) is tripped by some row of RANGE_CHECKS; the compiler
+    check has its own test above (it needs a PATH without a compiler)."""
+    errors = [_range_error(o) for o, _ in RANGE_CHECKS]
+    checks = _validate_checks()
+    assert len(checks) >= 40, checks
+    untested = [(k, m) for k, m in checks if k != "train.compile"
+                and not any(e.startswith(f"config key '{k}'") and m in e for e in errors)]
+    assert untested == []

@@ -5,10 +5,10 @@ an oracle denoiser), where the answer is known; the command end to end on a real
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 import torch
 
@@ -194,9 +194,9 @@ def test_expert_fn_runs_pooled_experts_on_46x46():
 
 def test_generalize_command_on_a_tiny_run(tmp_path, data_root, capsys):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
-                        str(REPO / "configs" / "tiny.yaml"), f"run.out_dir={run}", f"data.root={data_root}",
-                        "threads=1"], cwd=REPO, capture_output=True, text=True, timeout=240)
+    r = procs.run([sys.executable, str(REPO / "launch" / "train.py"), "--config",
+                   str(REPO / "configs" / "tiny.yaml"), f"run.out_dir={run}", f"data.root={data_root}",
+                   "threads=1"], cwd=REPO, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
 

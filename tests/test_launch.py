@@ -6,9 +6,10 @@ Each test checks the run directory (summary.json's world size, the checkpoint), 
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from procs import free_port, run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
@@ -23,7 +24,7 @@ def _env():
 
 
 def _run(cmd, timeout=240):
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return run(cmd, cwd=REPO, env=_env(), timeout=timeout)
 
 
 def _overrides(tmp_path, data_root, *more):
@@ -45,22 +46,22 @@ def _check_run(run: Path, world: int):
 
 
 def test_torchrun_two_processes(tmp_path, data_root, mnist):
-    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29631", TRAIN,
+    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", TRAIN,
               *_overrides(tmp_path, data_root)])
     assert r.returncode == 0, r.stderr[-3000:]
     _check_run(tmp_path / "run", 2)
 
 
 def test_accelerate_multi_process_on_cpu(tmp_path, data_root, mnist):
-    r = _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29632",
-              TRAIN, *_overrides(tmp_path, data_root)])
+    r = _run([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), TRAIN, *_overrides(tmp_path, data_root)])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "launcher accelerate" in r.stdout
     _check_run(tmp_path / "run", 2)
 
 
 def test_more_ranks_than_experts_fails_on_every_rank(tmp_path, data_root, mnist):
-    r = _run([str(BIN / "torchrun"), "--nproc_per_node=4", "--master_port=29633", TRAIN,
+    r = _run([str(BIN / "torchrun"), "--nproc_per_node=4", f"--master_port={free_port()}", TRAIN,
               *_overrides(tmp_path, data_root)], timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("error: 4 ranks but only 3 experts") == 4, r.stderr[-3000:]
@@ -74,7 +75,7 @@ def test_ranks_with_different_configs_fail_on_every_rank(tmp_path, data_root, mn
         "import os, runpy, sys\n"
         f"sys.argv = [{TRAIN!r}] + sys.argv[1:] + ['seed=' + os.environ['RANK']]\n"
         f"runpy.run_path({TRAIN!r}, run_name='__main__')\n")
-    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=29634", str(script),
+    r = _run([str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
               *_overrides(tmp_path, data_root)], timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("ranks were started with different configs") == 2, r.stderr[-3000:]
@@ -106,7 +107,7 @@ def test_shipped_cpu_accelerate_config_starts_gloo_processes(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     r = _run([str(BIN / "accelerate"), "launch", "--config_file", str(ACCEL / "cpu_multi_process.yaml"),
-              "--main_process_port", "29635", str(probe)], timeout=120)
+              "--main_process_port", str(free_port()), str(probe)], timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     # Two processes share the pipe, so their lines may interleave: find the reports, not the lines.
     report = r"probe rank \d+ world \d+ launcher (?:accelerate|torchrun|python) backend (?:gloo|nccl|None)"
@@ -121,7 +122,7 @@ def test_torchrun_wrapper_builds_the_rendezvous():
         for k in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "RDZV_ID", "SLURM_JOB_ID"):
             if k not in env:
                 e.pop(k, None)
-        r = subprocess.run(["bash", TORCHRUN_SH, *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=30)
+        r = run(["bash", TORCHRUN_SH, *args], cwd=REPO, env=e, timeout=30)
         return r.returncode, r.stderr
 
     rc, err = dry(["2", "--config", "configs/tiny.yaml", "threads=1"])

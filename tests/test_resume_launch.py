@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import run
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def _torchrun(nproc: int, *args: str, restarts: int = 0) -> list[str]:
 def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_", "WANDB_SERVICE"))}
     e.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env})
-    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=180)
+    r = run(cmd, cwd=REPO, env=e, timeout=180)
     # A plain string, not a tuple: pytest prints a string message whole, where it cuts a tuple's repr to
     # one line. The killed run's stderr holds attempt 1's expected traceback before anything that went
     # wrong after the restart, so keep all of it.

@@ -21,6 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import wandb_reader  # noqa: E402
+from procs import run  # noqa: E402
 from wandb_reader import RunFile, WandbFileError, crc32c, read_chunks  # noqa: E402
 
 from icm_dist.commands import compare as cmp  # noqa: E402
@@ -69,7 +70,7 @@ def _env(tmp: Path) -> dict:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    p = run(cmd, cwd=cwd, env=env, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -422,9 +423,9 @@ def test_compare_adds_the_generalization_measures_where_present(tmp_path, capsys
 @needs_mnist
 def test_compare_on_two_tiny_runs(single_run, torchrun_run, tmp_path):
     png = tmp_path / "tiny.png"
-    p = subprocess.run([sys.executable, "-m", "icm_dist.commands.cli", "compare", str(single_run), str(torchrun_run),
-                        "--out", str(png), "--json", str(tmp_path / "t.json")],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    p = run([sys.executable, "-m", "icm_dist.commands.cli", "compare", str(single_run), str(torchrun_run),
+             "--out", str(png), "--json", str(tmp_path / "t.json")],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert p.returncode == 0, p.stderr
     groups = json.loads((tmp_path / "t.json").read_text())
     # Same config apart from run.out_dir and threads (and world size, which is no config key): one group.
