@@ -42,7 +42,7 @@ from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.precision import resolve_precision  # noqa: E402
 from icm_dist.reference import reference_step  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
-from icm_dist.step import competition_step  # noqa: E402
+from icm_dist.step import competition_step, expert_backward  # noqa: E402
 
 
 def sync(device):
@@ -83,7 +83,7 @@ def variants(cfg) -> list[tuple[str, list[str]]]:
     ``train.compile`` flipped, and the ``winners`` expert-backward mode (compile does not apply to it)."""
     flip = "eager" if cfg.train.compile else "compiled"
     out = [("fast", []), (flip, [f"train.compile={not cfg.train.compile}"])]
-    if cfg.train.expert_backward == "dense":
+    if expert_backward(cfg) == "dense":
         out.append(("winners", ["train.expert_backward=winners", "train.compile=false"]))
     return out
 
@@ -203,7 +203,7 @@ def main():
     dev = dist.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
-          f"channels_last {cfg.train.channels_last}, expert_backward {cfg.train.expert_backward}, "
+          f"channels_last {cfg.train.channels_last}, expert_backward {expert_backward(cfg)}, "
           f"compile {cfg.train.compile}; batch {cfg.train.batch_size}")
     others = [v for v, _ in variants(cfg)[1:]]
     print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} "

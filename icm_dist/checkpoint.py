@@ -44,8 +44,10 @@ DISCRIMINATOR_FORMAT = "icm-dist-discriminator/1"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
 MANIFEST_FILE = "manifest.json"
 
-# Config keys whose values fix the shapes of the saved tensors: a checkpoint fits a run only if they agree.
-SHAPE_KEYS = [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"),
+# Config keys whose values fix the saved tensors' shapes or meaning: a checkpoint fits a run only if they
+# agree. A key missing from an older checkpoint's config had its default value there.
+SHAPE_KEYS = [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"), ("expert", "norm"),
+              ("expert", "groups"), ("expert", "weight_standardization"),
               ("discriminator", "widths"), ("discriminator", "hidden")]
 
 
@@ -248,9 +250,11 @@ def verify_checkpoint(ckpt: Path, files: list[str] | None = None) -> dict:
 def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
     """The checkpoint's shapes must fit the run: same committee and networks (world size may differ)."""
     saved = manifest["config"]
-    now = to_dict(cfg)
+    now, defaults = to_dict(cfg), to_dict(Config())
     for section, key in SHAPE_KEYS:
-        got = saved.get(section, {}).get(key) if isinstance(saved.get(section), dict) else None
+        if key == "groups" and now["expert"]["norm"] != "group":
+            continue  # expert.groups means something only to the group norm
+        got = saved[section].get(key, defaults[section][key]) if isinstance(saved.get(section), dict) else None
         if got != now[section][key]:
             raise CheckpointError(f"checkpoint '{ckpt}' was saved with {section}.{key}={got!r} but "
                                   f"this run has {section}.{key}={now[section][key]!r}; use a matching config "

@@ -63,6 +63,17 @@ class ExpertConfig:
     pool: int = 0
     """Number of 2x2 average-pool / 2x nearest-upsample pairs (the paper's receptive-field ablation uses 2):
     pooling after each of the first ``pool`` blocks, upsampling before each of the last ``pool``."""
+    norm: Literal["batch", "group", "instance", "layer", "none"] = "batch"
+    """Normalization after each hidden convolution. ``batch``: the paper's BatchNorm, whose batch statistics
+    couple every example of a batch. The per-example norms (GroupNorm over the expert's own channels:
+    ``group`` in ``expert.groups`` groups, ``instance`` one per channel, ``layer`` one for all; ``none``)
+    look at one example at a time, so a winner's gradient needs only the examples it won, and the step
+    back-propagates only those (train.expert_backward=auto)."""
+    groups: int = 8
+    """Channel groups of ``expert.norm=group``; must divide ``expert.width``."""
+    weight_standardization: bool = False
+    """Standardize each hidden convolution's filters (zero mean, unit variance per output channel) before
+    use: weight standardization, the usual companion of a per-example norm."""
 
 
 @dataclass
@@ -104,11 +115,13 @@ class TrainConfig:
     ``auto`` picks bf16 where the hardware has it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX)."""
     channels_last: bool = True
     """Run convolutions in channels_last memory format (measured faster with oneDNN and cuDNN alike)."""
-    expert_backward: Literal["dense", "winners"] = "dense"
-    """``dense``: the paper's formulation, every expert's graph over the whole batch (BatchNorm statistics
-    carry gradient from every example). ``winners``: each winner re-runs only on the examples it won,
-    with the batch statistics held fixed: the same outputs, a backward only where a loss exists, faster
-    (docs/performance.md), but measured to specialize far more slowly (docs/results.md), so not the default."""
+    expert_backward: Literal["auto", "dense", "winners"] = "auto"
+    """``dense``: every expert's graph over the whole batch, the paper's formulation. ``winners``: every
+    expert scores without a graph, then each winner re-runs only on the examples it won and only that is
+    back-propagated. With a per-example ``expert.norm`` both compute the same gradient and ``winners``
+    is the faster; with BatchNorm ``winners`` holds the batch statistics fixed, which is not the gradient
+    (BatchNorm couples the examples) and measured to specialize far more slowly (docs/results.md).
+    ``auto``: ``dense`` with BatchNorm, ``winners`` with a per-example norm."""
     compile: bool = False
     """``torch.compile`` the experts' training pass (the dense step and identity initialization; both have
     the same static shapes): fuses BatchNorm, ELU and their backward around the convolutions; pays more the
@@ -409,6 +422,8 @@ def validate(cfg: Config) -> None:
     need(cfg.expert.width >= 1, "expert.width", cfg.expert.width, "must be >= 1")
     need(cfg.expert.depth >= 1, "expert.depth", cfg.expert.depth, "must be >= 1")
     need(0 <= cfg.expert.pool <= 2, "expert.pool", cfg.expert.pool, "must be 0, 1 or 2 (32x32 inputs)")
+    need(cfg.expert.norm != "group" or (cfg.expert.groups >= 1 and cfg.expert.width % cfg.expert.groups == 0),
+         "expert.groups", cfg.expert.groups, f"must divide expert.width = {cfg.expert.width} (expert.norm=group)")
     need(cfg.expert.depth >= 2 * cfg.expert.pool, "expert.depth", cfg.expert.depth,
          f"must be at least 2 * expert.pool = {2 * cfg.expert.pool} (a block per pooling and per upsampling)")
     need(len(cfg.discriminator.widths) >= 1 and all(isinstance(w, int) and w >= 1 for w in cfg.discriminator.widths),

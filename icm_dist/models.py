@@ -76,8 +76,49 @@ def run_blocks(cfg: ExpertConfig, h: torch.Tensor, conv, norm, act) -> torch.Ten
     return h
 
 
+PER_EXAMPLE_NORMS = ("group", "instance", "layer", "none")
+
+
+def norm_groups(cfg: ExpertConfig) -> int:
+    """Groups of channels per expert that a per-example norm takes its statistics over."""
+    return {"group": cfg.groups, "instance": cfg.width, "layer": 1}[cfg.norm]
+
+
+def make_norm(cfg: ExpertConfig, experts: int = 1) -> nn.Module:
+    """The normalization of one hidden layer for ``experts`` experts side by side (their channels
+    contiguous, ``width`` each).
+
+    ``batch`` is the paper's BatchNorm (statistics over the batch: every example's output depends on
+    the others'). The per-example norms are GroupNorm over each expert's own channels (``layer``: one
+    group, ``instance``: one per channel, ``group``: ``expert.groups``): a group never straddles two
+    experts, so side by side they compute exactly what each would alone, and one example's output never
+    depends on another's.
+    """
+    if cfg.norm == "batch":
+        return nn.BatchNorm2d(experts * cfg.width)
+    if cfg.norm == "none":
+        return nn.Identity()
+    return nn.GroupNorm(experts * norm_groups(cfg), experts * cfg.width)
+
+
+def standardized(w: torch.Tensor, cfg: ExpertConfig) -> torch.Tensor:
+    """Weight standardization (``expert.weight_standardization``): each output channel's filter to zero
+    mean and unit variance, so that a per-example norm sees well-scaled activations; else ``w``."""
+    if not cfg.weight_standardization:
+        return w
+    var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
+    return (w - mean) / torch.sqrt(var + 1e-5)
+
+
+def hidden_conv(cfg: ExpertConfig, i: int, experts: int = 1) -> nn.Conv2d:
+    """Layer ``i``'s 3x3 convolution for ``experts`` experts side by side (a grouped convolution). Only
+    without a norm does it carry a bias: every norm's shift makes one redundant."""
+    cin = experts * (1 if i == 0 else cfg.width)
+    return nn.Conv2d(cin, experts * cfg.width, 3, padding=1, bias=cfg.norm == "none", groups=experts)
+
+
 class Expert(nn.Module):
-    """One expert: ``depth`` x (3x3 conv, BatchNorm, ELU), then a 3x3 conv to one channel and a sigmoid.
+    """One expert: ``depth`` x (3x3 conv, norm, ELU), then a 3x3 conv to one channel and a sigmoid.
 
     Fully convolutional, so it applies to any image size (46x46 symbols as well as 32x32 digits),
     provided the size is divisible by ``2**pool``.
@@ -86,16 +127,19 @@ class Expert(nn.Module):
     def __init__(self, cfg: ExpertConfig):
         super().__init__()
         self.cfg = cfg
-        chans = [1] + [cfg.width] * cfg.depth
-        # Convolutions before BatchNorm carry no bias: BN's shift makes it redundant.
-        self.convs = nn.ModuleList(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, bias=False)
-                                   for i in range(cfg.depth))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(cfg.width) for _ in range(cfg.depth))
+        self.convs = nn.ModuleList(hidden_conv(cfg, i) for i in range(cfg.depth))
+        self.norms = nn.ModuleList(make_norm(cfg) for _ in range(cfg.depth))
         self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        h = run_blocks(self.cfg, x_B1HW, lambda i, h: self.convs[i](h), lambda i, h: self.norms[i](h), F.elu)
+        h = run_blocks(self.cfg, x_B1HW, lambda i, h: self._conv(i, h), lambda i, h: self.norms[i](h), F.elu)
         return torch.sigmoid(self.out(h))
+
+    def _conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        conv = self.convs[i]
+        if not self.cfg.weight_standardization:
+            return conv(h)
+        return F.conv2d(h, standardized(conv.weight, self.cfg), conv.bias, padding=1)
 
 
 def make_expert(cfg: ExpertConfig, seed: int, expert_id: int) -> Expert:
@@ -117,10 +161,8 @@ class ExpertBank(nn.Module):
         self.ids = list(ids)
         E, width = len(ids), cfg.width
         self.num = E
-        self.convs = nn.ModuleList(
-            nn.Conv2d(E * (1 if i == 0 else width), E * width, 3, padding=1, bias=False, groups=E)
-            for i in range(cfg.depth))
-        self.norms = nn.ModuleList(nn.BatchNorm2d(E * width) for _ in range(cfg.depth))
+        self.convs = nn.ModuleList(hidden_conv(cfg, i, E) for i in range(cfg.depth))
+        self.norms = nn.ModuleList(make_norm(cfg, E) for _ in range(cfg.depth))
         self.out = nn.Conv2d(E * width, E, 3, padding=1, groups=E)
         self._template = {k: v.shape for k, v in Expert(cfg).state_dict().items()}
 
@@ -134,14 +176,15 @@ class ExpertBank(nn.Module):
     def forward(self, x_BEHW: torch.Tensor, collect_stats: list | None = None) -> torch.Tensor:
         """All experts at once: ``[B, E, H, W]`` in, ``[B, E, H, W]`` out.
 
-        With ``collect_stats`` (a list, training mode, no autograd), BatchNorm normalizes with batch
-        statistics computed here, updates the running statistics as nn.BatchNorm2d would, and
-        appends each layer's ``(mean, invstd)`` to the list, so that :meth:`forward_one` can later
-        reproduce exactly these outputs for a subset of the examples.
+        With ``collect_stats`` (a list, training mode, no autograd) and BatchNorm, BatchNorm normalizes
+        with batch statistics computed here, updates the running statistics as nn.BatchNorm2d would,
+        and appends each layer's ``(mean, invstd)`` to the list, so that :meth:`forward_one` can later
+        reproduce exactly these outputs for a subset of the examples. Per-example norms need no
+        statistics for that: the list stays empty.
         """
         def norm(i, h):
             bn = self.norms[i]
-            if collect_stats is None or not self.training:
+            if collect_stats is None or not self.training or self.cfg.norm != "batch":
                 return bn(h)
             # The stock BatchNorm kernel (running statistics updated as nn.BatchNorm2d does), asked
             # for the batch mean and inverse std it used, so forward_one can reuse them exactly.
@@ -151,28 +194,40 @@ class ExpertBank(nn.Module):
             collect_stats.append((mean.float(), invstd.float()))
             return h
 
-        h = run_blocks(self.cfg, x_BEHW, lambda i, h: self.convs[i](h), norm, fast_elu)
+        def conv(i, h):
+            c = self.convs[i]
+            if not self.cfg.weight_standardization:
+                return c(h)
+            return F.conv2d(h, standardized(c.weight, self.cfg), c.bias, padding=1, groups=self.num)
+
+        h = run_blocks(self.cfg, x_BEHW, conv, norm, fast_elu)
         return torch.sigmoid(self.out(h))
 
     def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:
-        """Local expert ``j`` alone on ``x``, its BatchNorm using fixed ``stats`` from :meth:`forward`.
+        """Local expert ``j`` alone on ``x``: the outputs it had in the full pass of :meth:`forward`.
 
-        The statistics are constants here (no gradient flows through them), so an example's output is
-        the one it had in the full pass, and the backward touches only the examples passed in.
+        BatchNorm uses the fixed ``stats`` of that pass (constants: no gradient flows through them);
+        a per-example norm needs none. Either way the backward touches only the examples passed in.
         """
-        E, width = self.num, self.cfg.width
+        E, width, cfg = self.num, self.cfg.width, self.cfg
         sl = slice(j * width, (j + 1) * width)
 
         def conv(i, h):
+            c = self.convs[i]
             # A slice of a channels_last weight is not contiguous in any format some conv kernels
             # accept for grad_weight: copy the (small) slice, which autograd routes back to the bank.
-            return F.conv2d(h, self.convs[i].weight.unflatten(0, (E, -1))[j].contiguous(), padding=1)
+            w = standardized(c.weight.unflatten(0, (E, -1))[j].contiguous(), cfg)
+            return F.conv2d(h, w, None if c.bias is None else c.bias[sl], padding=1)
 
         def norm(i, h):
+            n = self.norms[i]
+            if cfg.norm == "none":
+                return h
+            if cfg.norm != "batch":
+                return F.group_norm(h, norm_groups(cfg), n.weight[sl], n.bias[sl], n.eps)
             mean, invstd = stats[i]
-            bn = self.norms[i]
-            scale = (invstd[sl] * bn.weight[sl]).view(1, width, 1, 1)
-            return (h - mean[sl].view(1, width, 1, 1)) * scale + bn.bias[sl].view(1, width, 1, 1)
+            scale = (invstd[sl] * n.weight[sl]).view(1, width, 1, 1)
+            return (h - mean[sl].view(1, width, 1, 1)) * scale + n.bias[sl].view(1, width, 1, 1)
 
         h = run_blocks(self.cfg, x_B1HW, conv, norm, fast_elu)
         w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()

@@ -38,6 +38,14 @@ def _fmt(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
 
+def expert_backward(cfg: Config) -> str:
+    """``dense`` or ``winners`` (train.expert_backward); ``auto`` is ``winners`` exactly where it is the
+    exact gradient: with a per-example norm."""
+    if cfg.train.expert_backward != "auto":
+        return cfg.train.expert_backward
+    return "dense" if cfg.expert.norm == "batch" else "winners"
+
+
 def settle(scores_BN: torch.Tensor, capacity: int | None, divisions) -> torch.Tensor:
     """Every example's winner: the argmax, under the capacity cap if any, then the splits' divisions.
 
@@ -66,7 +74,7 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     amp = autocast(dist.device, cfg.train.precision)
 
     saved = experts.snapshot_buffers()
-    sparse = cfg.train.expert_backward == "winners"
+    sparse = expert_backward(cfg) == "winners"
     stats: list | None = [] if sparse else None
     out_BEHW = _experts_forward(experts, x_fake_B1HW, stats, amp)
 
@@ -108,8 +116,8 @@ def _experts_forward(experts: LocalExperts, x_fake_B1HW: torch.Tensor, stats: li
 
     dense (``stats`` is None): the experts' graph is kept over the whole batch, as in the paper's
     formulation, where BatchNorm's batch statistics carry gradient from every example.
-    winners: no graph; each winner later re-runs on just its examples with the batch statistics of
-    this pass held fixed (same outputs, a backward only where a loss exists).
+    winners: no graph; each winner later re-runs on just its examples (with BatchNorm, with the batch
+    statistics of this pass held fixed), so the backward runs only where a loss exists.
     """
     experts.bank.train()
     with amp, torch.set_grad_enabled(stats is None):

@@ -38,9 +38,17 @@ from ..models import Expert, make_discriminator
 from ..rundir import RunDir
 
 MODULE_FORMAT = "icm-dist-expert-module/1"
-ARCHITECTURE = ("depth x [conv3x3 (no bias) -> BatchNorm2d (eval: running stats, eps 1e-5) -> ELU -> "
-                "avg_pool2d(2) after the first `pool` blocks, nearest 2x upsampling after the last `pool` "
-                "blocks] -> conv3x3 to 1 channel (with bias) -> sigmoid; input and output [B, 1, H, W] in [0, 1]")
+NORMS = {"batch": "BatchNorm2d (eval: running stats, eps 1e-5)", "none": "no norm (the conv has a bias)",
+         "group": "GroupNorm(groups, eps 1e-5)", "instance": "GroupNorm(width groups, eps 1e-5)",
+         "layer": "GroupNorm(1 group, eps 1e-5)"}
+
+
+def architecture(ecfg: ExpertConfig) -> str:
+    """The expert's network in words, for an exported file's metadata."""
+    ws = "weight-standardized " if ecfg.weight_standardization else ""
+    return (f"depth x [{ws}conv3x3 -> {NORMS[ecfg.norm]} -> ELU -> avg_pool2d(2) after the first `pool` blocks, "
+            "nearest 2x upsampling before the last `pool` blocks] -> conv3x3 to 1 channel (with bias) -> sigmoid; "
+            "input and output [B, 1, H, W] in [0, 1]")
 
 
 # ----------------------------------------------------------------------------- opening a run
@@ -158,8 +166,9 @@ def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
     meta = {
         "format": MODULE_FORMAT,
         "expert_id": str(gid),
-        "expert_config": json.dumps({k: exp_cfg[k] for k in ("width", "depth", "pool")}),
-        "architecture": ARCHITECTURE,
+        "expert_config": json.dumps({k: exp_cfg[k] for k in ("width", "depth", "pool", "norm", "groups",
+                                                             "weight_standardization")}),
+        "architecture": architecture(src.cfg.expert),
         "mechanism": json.dumps(captured),
         "win_rate": json.dumps(rates[captured] if rates and captured else (max(rates.values()) if rates else None)),
         "win_rates": json.dumps(rates),
