@@ -2,6 +2,7 @@
 
     python bench/step.py                      # paper config (10 experts, batch 32) and 40 experts
     python bench/step.py --experts 10 --steps 20 --device cuda
+    python bench/step.py --set expert.norm=group      # any config override, applied to every path
 
 Reference path: ``reference.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
 dense backward through every expert and D, and a separate D update (what the public
@@ -138,7 +139,7 @@ def throughput(cfg, proto, dist):
     return id_rate, n / (time.perf_counter() - t0)
 
 
-def peak_memory(path: str, experts: int, device: str, steps: int = 5) -> float:
+def peak_memory(path: str, experts: int, device: str, overrides=(), steps: int = 5) -> float:
     """Peak memory in MiB of ``steps`` steps of one path, in a fresh child process: the rise of the
     peak resident set (Linux VmHWM, reset after set-up) on the CPU, torch's peak allocation on CUDA."""
     code = f"""
@@ -149,7 +150,7 @@ from bench.step import setup, make_paths, batch
 from icm_dist.reference import reference_step
 from icm_dist.step import competition_step
 from icm_dist.dist import ShardPlan
-cfg, proto, dist = setup({experts}, {device!r})
+cfg, proto, dist = setup({experts}, {device!r}, {list(overrides)!r})
 (fast, Df, of), (ref, ro, Dr, orf) = make_paths(cfg, dist)
 del proto.test_x, proto.test_clean
 import gc; gc.collect()
@@ -184,14 +185,16 @@ def main():
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--json", help="also write the results to this JSON file")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides on top of configs/paper.yaml, e.g. expert.norm=group")
     args = ap.parse_args()
     rows = []
     for n in args.experts:
-        cfg, proto, dist = setup(n, args.device)
+        cfg, proto, dist = setup(n, args.device, args.set)
         med = time_steps(cfg, proto, dist, args.steps)
         id_rate, eval_rate = throughput(cfg, proto, dist)
-        mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device),
-                                                   peak_memory("fast", n, args.device))
+        mem = (None, None) if args.no_memory else (peak_memory("reference", n, args.device, args.set),
+                                                   peak_memory("fast", n, args.device, args.set))
         row = {"experts": n, "reference_ms": 1000 * med["reference"]}
         for name in med:
             if name != "reference":

@@ -121,10 +121,11 @@ class LocalExperts:
         if cfg.train.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
-        # The training-mode pass over all experts: the dense step and identity initialization call it
-        # with the same [B, E, H, W] shape, so one compiled graph serves both. Evaluation (eval-mode
-        # BatchNorm, other batch sizes) and the winners mode (shapes change every step) stay eager.
-        # The compiled module shares the bank's parameters and buffers: checkpoints see no difference.
+        # The training-mode pass over all experts: the step's full pass and identity initialization call
+        # it with the same [B, E, H, W] shape, so one compiled graph serves them. Evaluation (eval-mode
+        # BatchNorm, other batch sizes), the full pass that keeps BatchNorm's statistics for the winners
+        # mode, and the winners' own passes (shapes change every step) stay eager. The compiled module
+        # shares the bank's parameters and buffers: checkpoints see no difference.
         self.train_forward = torch.compile(self.bank, dynamic=False) if cfg.train.compile else self.bank
 
     def new_optimizer(self) -> MaskedAdam:

@@ -122,7 +122,9 @@ def _experts_forward(experts: LocalExperts, x_fake_B1HW: torch.Tensor, stats: li
     experts.bank.train()
     with amp, torch.set_grad_enabled(stats is None):
         x_BEHW = experts.expand_input(x_fake_B1HW)
-        return experts.train_forward(x_BEHW) if stats is None else experts.bank(x_BEHW, collect_stats=stats)
+        if stats is not None and experts.cfg.expert.norm == "batch":
+            return experts.bank(x_BEHW, collect_stats=stats)  # BatchNorm's statistics, kept for forward_one
+        return experts.train_forward(x_BEHW)
 
 
 def _experts_backward(experts: LocalExperts, disc_module, x_fake_B1HW, out_BEHW, local_B, mine_B, won_E, stats,

@@ -7,7 +7,8 @@
 Each (experiment, seed) is one ``launch/train.py`` process writing ``OUT/EXPERIMENT/seedN``; runs
 that already have a summary.json are skipped, so an interrupted suite picks up where it stopped.
 ``--jobs`` runs several at once (on one GPU, small committees leave most of it idle, so several
-processes share it well). Trailing ``key=value`` overrides go to every run. The aggregate goes to
+processes share it well). A suite entry's ``overrides`` go to its runs, trailing ``key=value``
+overrides to every run. The aggregate goes to
 ``OUT/results.json`` and ``OUT/results.md``.
 """
 
@@ -139,12 +140,12 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         # Seeds first, experiments second: with a time limit, every experiment gets its early seeds.
-        jobs = [(name, suite_path.parent / spec["config"], seed)
+        jobs = [(name, suite_path.parent / spec["config"], seed, [*spec.get("overrides", []), *args.overrides])
                 for seed in range(max(s["seeds"] for s in suite.values()))
                 for name, spec in suite.items() if seed < spec["seeds"]]
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            for res in pool.map(lambda j: run_one(j[0], j[1], j[2], out, args.overrides, log_dir), jobs):
+            for res in pool.map(lambda j: run_one(j[0], j[1], j[2], out, j[3], log_dir), jobs):
                 print(f"[{time.time() - t0:6.0f}s] {res['name']} seed {res['seed']}: {res['status']}"
                       + (f" ({res['seconds']:.0f}s)" if "seconds" in res else ""), flush=True)
     results = aggregate(suite, out)
