@@ -114,6 +114,7 @@ def begin_checkpoint(run_dir: Path, iteration: int) -> Path:
     """Rank 0: an empty temporary directory for the checkpoint of ``iteration`` (stale ones removed)."""
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
+    _undo_interrupted_swap(root)
     for p in root.iterdir():  # debris of a save that crashed halfway
         if p.is_dir() and (p.name.startswith(".tmp_") or p.name.startswith(".old_")):
             shutil.rmtree(p, ignore_errors=True)
@@ -158,7 +159,8 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
     }
     write_json(tmp / MANIFEST_FILE, manifest)
     _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same iteration (after a restart): swap, never a moment without one
+    if final.exists():  # a re-save of the same iteration (after a restart): swap; a crash between the two
+        # renames leaves the old one whole in .old_, which _undo_interrupted_swap puts back
         old = root / f".old_{name}"
         os.replace(final, old)
         os.replace(tmp, final)
@@ -264,11 +266,24 @@ def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
                               f"but its config says expert.num={saved['expert']['num']}")
 
 
+def _undo_interrupted_swap(root: Path) -> None:
+    """A re-save that crashed between its two renames left the old checkpoint, complete, in ``.old_iter_N``
+    and nothing in ``iter_N``: rename it back, before checkpoints are listed or debris is removed."""
+    for p in root.glob(".old_iter_*"):
+        final = root / p.name[len(".old_"):]
+        if p.is_dir() and not final.exists():
+            try:
+                os.replace(p, final)
+            except OSError:  # a read-only run directory: it stays unlisted, as before
+                pass
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete-looking checkpoint directories of a run, newest first."""
     root = RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
+    _undo_interrupted_swap(root)
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")), reverse=True)
 
 

