@@ -81,11 +81,14 @@ def make_paths(cfg, dist):
 
 def variants(cfg) -> list[tuple[str, list[str]]]:
     """The fast paths timed beside the reference: the config as it is (the headline), the same with
-    ``train.compile`` flipped, and the ``winners`` expert-backward mode (compile does not apply to it)."""
+    ``train.compile`` flipped, and with BatchNorm also the ``winners`` expert-backward mode (compile does
+    not apply to it) and the same committee with a per-example norm (``layer``, whose step
+    back-propagates only the winners: the exact gradient)."""
     flip = "eager" if cfg.train.compile else "compiled"
     out = [("fast", []), (flip, [f"train.compile={not cfg.train.compile}"])]
-    if expert_backward(cfg) == "dense":
+    if cfg.expert.norm == "batch":
         out.append(("winners", ["train.expert_backward=winners", "train.compile=false"]))
+        out.append(("layernorm", ["expert.norm=layer", "train.expert_backward=auto"]))
     return out
 
 
