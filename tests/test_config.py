@@ -125,6 +125,7 @@ RANGE_CHECKS = [
     (["expert.depth=0"], "expert.depth"),
     (["expert.pool=3", "expert.depth=6"], "expert.pool"),
     (["expert.pool=2", "expert.depth=3"], "expert.depth"),
+    (["expert.norm=group", "expert.groups=3"], "expert.groups"),
     (["discriminator.widths=[]"], "discriminator.widths"),
     (["discriminator.widths=[8,0]"], "discriminator.widths"),
     (["discriminator.widths=[2,2,2,2,2,2]"], "discriminator.widths"),
