@@ -185,10 +185,13 @@ def test_winners_mode_gradient_differs_from_dense_only_through_batch_statistics(
     torch.testing.assert_close(res[0].scores_BN, res[1].scores_BN)
 
 
-@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled"])
+@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled", "auto-layernorm"])
 def test_losers_stay_bitwise_unchanged(data_root, mnist, proto_cache, mode):
-    mode, _, compiled = mode.partition("-")
-    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
+    """Also with a per-example norm (``auto`` is then the winners-only backward of the exact gradient)."""
+    mode, _, variant = mode.partition("-")
+    norm = "layer" if variant == "layernorm" else "batch"
+    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={variant == 'compiled'}",
+                    f"expert.norm={norm}")
     proto = get_proto(cfg, mnist, proto_cache)
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
     ex = LocalExperts(cfg, list(range(4)), dist.device)
