@@ -394,12 +394,10 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
             identity_info = identity_init(fresh, proto.transformed_x, fresh_cfg, torch.device("cpu"))
             log(f"identity init of the {add} new expert(s): steps {identity_info['steps']}")
         for j in range(add):
-            new.bank.load_expert_state(len(kept) + j, fresh.bank.expert_state(j))
-            new.opt.load_expert_state(len(kept) + j, fresh.opt.expert_state(j))
+            new.load_state(len(kept) + j, fresh.state(j))
     # Kept experts last: the bank's BatchNorm counters (num_batches_tracked, one per layer) go on from the run's.
     for j, g in enumerate(kept):
-        new.bank.load_expert_state(j, old.bank.expert_state(g))
-        new.opt.load_expert_state(j, old.opt.expert_state(g))
+        new.load_state(j, old.state(g))
 
     state = dict(src.manifest.get("trainer_state") or {})
     state.update({"stable_evals": 0, "last_probe_winners": None})
