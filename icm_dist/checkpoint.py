@@ -36,7 +36,7 @@ from .dist import Dist
 from .errors import CheckpointError
 from .experts import ExpertState, LocalExperts
 from .rundir import RunDir
-from .utils import sha256_file
+from .utils import sha256_file, strip_prefix
 
 FORMAT_VERSION = 1
 EXPERT_FORMAT = "icm-dist-expert/1"
@@ -368,10 +368,6 @@ def resolve_resume(cfg: Config, log=print, restarts: int | None = None) -> Path 
 # ----------------------------------------------------------------------------- load
 
 
-def _split(tensors: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
 def read_tensors(path: Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a safetensors file; a CheckpointError naming the file if it cannot be read."""
     try:
@@ -425,9 +421,9 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
             raise CheckpointError(f"checkpoint '{ckpt}': {fname} does not fit the config ({_one_line(e)})") from None
     tensors, _ = read_tensors(ckpt / DISCRIMINATOR_FILE)
     where = f"checkpoint '{ckpt}': {DISCRIMINATOR_FILE}"
-    check_fits(where + " (model)", _split(tensors, "model."), disc_module.state_dict())
-    disc_module.load_state_dict(_split(tensors, "model."))
-    opt_tensors = _split(tensors, "optim.")
+    check_fits(where + " (model)", strip_prefix(tensors, "model."), disc_module.state_dict())
+    disc_module.load_state_dict(strip_prefix(tensors, "model."))
+    opt_tensors = strip_prefix(tensors, "optim.")
     params = list(disc_module.parameters())
     sd = disc_opt.state_dict()
     state = {}

@@ -14,6 +14,7 @@ import torch
 from .config import Config
 from .dist import Dist, ShardPlan
 from .models import ExpertBank
+from .utils import strip_prefix
 
 
 class ExpertState(NamedTuple):
@@ -29,10 +30,7 @@ class ExpertState(NamedTuple):
 
     @classmethod
     def from_flat(cls, tensors: dict[str, torch.Tensor]) -> "ExpertState":
-        def part(prefix):
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        return cls(part("model."), part("optim."))
+        return cls(strip_prefix(tensors, "model."), strip_prefix(tensors, "optim."))
 
     def cpu(self) -> "ExpertState":
         return ExpertState({k: v.cpu() for k, v in self.model.items()}, {k: v.cpu() for k, v in self.optim.items()})

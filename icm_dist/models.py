@@ -110,6 +110,14 @@ def standardized(w: torch.Tensor, cfg: ExpertConfig) -> torch.Tensor:
     return (w - mean) / torch.sqrt(var + 1e-5)
 
 
+def conv_forward(conv: nn.Conv2d, h: torch.Tensor, cfg: ExpertConfig) -> torch.Tensor:
+    """A hidden convolution (of one expert or of a bank: ``conv.groups`` experts) on ``h``, with its filters
+    standardized when ``expert.weight_standardization`` asks for it."""
+    if not cfg.weight_standardization:
+        return conv(h)
+    return F.conv2d(h, standardized(conv.weight, cfg), conv.bias, padding=1, groups=conv.groups)
+
+
 def hidden_conv(cfg: ExpertConfig, i: int, experts: int = 1) -> nn.Conv2d:
     """Layer ``i``'s 3x3 convolution for ``experts`` experts side by side (a grouped convolution). Only
     without a norm does it carry a bias: every norm's shift makes one redundant."""
@@ -132,14 +140,9 @@ class Expert(nn.Module):
         self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
 
     def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        h = run_blocks(self.cfg, x_B1HW, lambda i, h: self._conv(i, h), lambda i, h: self.norms[i](h), F.elu)
+        h = run_blocks(self.cfg, x_B1HW, lambda i, h: conv_forward(self.convs[i], h, self.cfg),
+                       lambda i, h: self.norms[i](h), F.elu)
         return torch.sigmoid(self.out(h))
-
-    def _conv(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        conv = self.convs[i]
-        if not self.cfg.weight_standardization:
-            return conv(h)
-        return F.conv2d(h, standardized(conv.weight, self.cfg), conv.bias, padding=1)
 
 
 def make_expert(cfg: ExpertConfig, seed: int, expert_id: int) -> Expert:
@@ -194,13 +197,7 @@ class ExpertBank(nn.Module):
             collect_stats.append((mean.float(), invstd.float()))
             return h
 
-        def conv(i, h):
-            c = self.convs[i]
-            if not self.cfg.weight_standardization:
-                return c(h)
-            return F.conv2d(h, standardized(c.weight, self.cfg), c.bias, padding=1, groups=self.num)
-
-        h = run_blocks(self.cfg, x_BEHW, conv, norm, fast_elu)
+        h = run_blocks(self.cfg, x_BEHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg), norm, fast_elu)
         return torch.sigmoid(self.out(h))
 
     def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:

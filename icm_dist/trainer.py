@@ -89,9 +89,9 @@ class MetricWindow:
         self.score_cnt = torch.zeros(self.num_mech, 1)
         self.t0, self.steps = time.time(), 0
 
-    def add(self, res: StepResult, mech_B: torch.Tensor) -> None:
+    def add(self, res: StepResult, wins_N: torch.Tensor, mech_B: torch.Tensor) -> None:
         self.steps += 1
-        self.win_counts += torch.bincount(res.winners_B.cpu(), minlength=self.win_counts.shape[0]).float()
+        self.win_counts += wins_N.float()
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
@@ -196,9 +196,10 @@ class Trainer:
             for t in range(self.start, T):
                 it = t + 1
                 res, mech_B = self.step(t)
-                window.add(res, mech_B)
+                wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
+                window.add(res, wins_N, mech_B)
                 if self.splitting:
-                    self.split(res, it)
+                    self.split(wins_N, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
                     self.log_metrics(res, window, it)
                 if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
@@ -257,14 +258,13 @@ class Trainer:
         tracker.log({"identity/seconds": time.time() - t0, "identity/max_steps_used": max(steps),
                      **{f"identity/final_mse/e{e}": m for e, m in enumerate(mses)}}, 0)
 
-    def split(self, res: StepResult, it: int) -> None:
+    def split(self, wins_N: torch.Tensor, it: int) -> None:
         """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one.
 
         Winners are identical on every rank, so every rank plans the same splits and joins the same
         copies in the same order.
         """
         cfg, split = self.cfg, self.state.split
-        wins_N = torch.bincount(res.winners_B.cpu(), minlength=len(split.wins))
         split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
         split.active = [a for a in split.active if a.until > it]
         if it % cfg.train.split_every or it > cfg.train.split_iterations:

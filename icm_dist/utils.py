@@ -25,3 +25,8 @@ def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
         else:
             out[key] = v
     return out
+
+
+def strip_prefix(d: dict, prefix: str) -> dict:
+    """The entries of ``d`` whose keys start with ``prefix``, the prefix removed."""
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
