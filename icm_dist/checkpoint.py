@@ -48,7 +48,12 @@ MANIFEST_FILE = "manifest.json"
 # agree. A key missing from an older checkpoint's config had its default value there.
 SHAPE_KEYS = [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"), ("expert", "norm"),
               ("expert", "groups"), ("expert", "weight_standardization"),
-              ("discriminator", "widths"), ("discriminator", "hidden")]
+              ("discriminator", "widths"), ("discriminator", "hidden"), ("data", "image_size")]
+
+
+def channels_of(manifest: dict) -> int:
+    """The image channels of a checkpoint's networks (manifests from before colour data: MNIST's one)."""
+    return int(manifest.get("channels", 1))
 
 
 def expert_filename(gid: int) -> str:
@@ -127,7 +132,7 @@ def write_experts(tmp: Path, cfg: Config, experts: LocalExperts, iteration: int)
     """Every rank: one file per expert it owns, each complete and fsynced when this returns."""
     for j, gid in enumerate(experts.ids):
         save_tensors(experts.state(j).flat(), tmp / expert_filename(gid),
-                     expert_metadata(cfg, gid, {"iteration": str(iteration)}))
+                     expert_metadata(cfg, gid, {"iteration": str(iteration), "channels": experts.channels}))
 
 
 def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_opt, world_size: int,
@@ -188,7 +193,8 @@ def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalEx
     write_experts(tmp, cfg, experts, iteration)
     dist.barrier()  # every expert file is complete and synced
     if dist.is_main:
-        finish_checkpoint(tmp, iteration, cfg, disc_module, disc_opt, dist.world_size, trainer_state, metrics, keep)
+        finish_checkpoint(tmp, iteration, cfg, disc_module, disc_opt, dist.world_size, trainer_state, metrics, keep,
+                          extra={"channels": experts.channels})
     dist.barrier()  # nobody goes on (or exits) before the checkpoint is in place
     return root / iter_dirname(iteration)
 
@@ -408,6 +414,9 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
     own = [expert_filename(g) for g in experts.ids]
     manifest = verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE]) if verify else read_manifest(ckpt)
     check_compatible(manifest, cfg, ckpt)
+    if channels_of(manifest) != experts.channels:
+        raise CheckpointError(f"checkpoint '{ckpt}' was trained on images of {channels_of(manifest)} channels but "
+                              f"this run's data has {experts.channels}; use the same data.dataset and data.tint")
     if experts.ids:
         template = experts.state(0)
     for j, gid in enumerate(experts.ids):

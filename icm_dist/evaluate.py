@@ -1,9 +1,13 @@
-"""Evaluation on the transformed test split: classifier accuracies, the win matrix, specialization.
+"""Evaluation on the transformed test split: classifier accuracies, PSNR, the win matrix, specialization.
 
 With sharded experts, each rank runs its own experts on the test digits; the D scores are
 all-gathered (so every rank knows every winner) and the winners' outputs are assembled by an
 all-reduce of masked outputs (each example's output is non-zero on exactly one rank). Only rank 0
 holds the classifier and computes accuracies.
+
+Two measures of restoration: the classifier's accuracy on the winners' outputs (the paper's, for data with
+labels), and one that needs no labels and no classifier: the PSNR of the winners' outputs against the clean
+test images, beside the PSNR of the transformed inputs (what doing nothing gets).
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ def _classifier_path(cfg: Config, proto: Protocol) -> Path:
 def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=print) -> Classifier:
     """The evaluation classifier, trained on the canonical half (cached as safetensors)."""
     path = _classifier_path(cfg, proto)
-    model = Classifier()
+    shape = (proto.channels, cfg.data.image_size, len(proto.classes))
+    model = Classifier(*shape)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.to(device).eval()
     with seeded(cfg.seed, "classifier-init"):
-        model = Classifier()
+        model = Classifier(*shape)
     model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x, y = proto.classifier_x, proto.classifier_labels
@@ -75,10 +80,10 @@ def train_classifier(cfg: Config, proto: Protocol, device: torch.device, log=pri
 
 
 @torch.no_grad()
-def classify(model: Classifier, x_B1HW: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
+def classify(model: Classifier, x_BCHW: torch.Tensor, device: torch.device, batch: int = 1000) -> torch.Tensor:
     preds = []
-    for i in range(0, x_B1HW.shape[0], batch):
-        preds.append(model(x_B1HW[i:i + batch].to(device).float()).argmax(1).cpu())
+    for i in range(0, x_BCHW.shape[0], batch):
+        preds.append(model(x_BCHW[i:i + batch].to(device).float()).argmax(1).cpu())
     return torch.cat(preds)
 
 
@@ -86,31 +91,31 @@ def classify(model: Classifier, x_B1HW: torch.Tensor, device: torch.device, batc
 
 
 @torch.no_grad()
-def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_B1HW: torch.Tensor, plan: ShardPlan,
+def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_BCHW: torch.Tensor, plan: ShardPlan,
                   dist: Dist, cfg: Config, keep_outputs: bool = True) -> dict:
     """Score every expert on ``x`` (eval mode), settle winners, assemble the winners' outputs.
 
-    Returns ``scores`` [B, N] (logits), ``winners`` [B], and on rank 0 ``restored`` [B, 1, H, W].
+    Returns ``scores`` [B, N] (logits), ``winners`` [B], and on rank 0 ``restored`` [B, C, H, W].
     """
     experts.bank.eval()
     disc_module.eval()
     amp = autocast(dist.device, cfg.train.precision)
     E, first = experts.num, plan.starts[dist.rank]
     scores, winners, restored = [], [], []
-    for i in range(0, x_B1HW.shape[0], cfg.eval.batch_size):
-        xb = x_B1HW[i:i + cfg.eval.batch_size].to(dist.device)
-        B, _, H, W = xb.shape
+    for i in range(0, x_BCHW.shape[0], cfg.eval.batch_size):
+        xb = x_BCHW[i:i + cfg.eval.batch_size].to(dist.device)
+        B, C, H, W = xb.shape
         with amp:
-            out = experts.bank(experts.expand_input(xb)).float()  # [B, E, H, W]
-            logits = disc_module(out.reshape(B * E, 1, H, W)).float().view(B, E)
+            out = experts.bank(experts.expand_input(xb)).float().unflatten(1, (E, C))  # [B, E, C, H, W]
+            logits = disc_module(out.reshape(B * E, C, H, W)).float().view(B, E)
         s = dist.gather_scores(logits, plan)
         w = settle_winners(s)
         if keep_outputs:
             local = w - first
             mine = (local >= 0) & (local < E)
-            mixed = torch.zeros(B, 1, H, W, device=dist.device)
+            mixed = torch.zeros(B, C, H, W, device=dist.device)
             rows = torch.nonzero(mine).squeeze(1)
-            mixed[rows, 0] = out[rows, local[mine]]
+            mixed[rows] = out[rows, local[mine]]
             # Each example's winner lives on exactly one rank: a sum assembles the winners' outputs.
             dist.all_reduce_sum(mixed)
             restored.append(mixed.cpu())
@@ -139,6 +144,26 @@ def mean_scores(scores_BN: torch.Tensor, mech_B: torch.Tensor, num_mech: int) ->
     out.index_add_(0, mech_B, p)
     cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
     return out / cnt.clamp(min=1)
+
+
+def psnr(mse: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error, for images in [0, 1]."""
+    return round(float(10 * torch.log10(1 / mse.clamp(min=1e-10))), 3)
+
+
+def psnr_per_mechanism(restored_BCHW, transformed_BCHW, clean_BCHW, mech_B, names: list[str]) -> dict:
+    """The label-free measure: PSNR against the clean images of the winners' outputs (``restored``) and of the
+    inputs (``transformed``: doing nothing), over all examples (``all``) and per mechanism."""
+    def mse_B(x):
+        return (x.float() - clean_BCHW.float()).pow(2).flatten(1).mean(1)
+
+    per = {"restored": mse_B(restored_BCHW), "transformed": mse_B(transformed_BCHW)}
+    out = {"all": {k: psnr(v.mean()) for k, v in per.items()}}
+    for m, name in enumerate(names):
+        sel = mech_B == m
+        if bool(sel.any()):
+            out[name] = {k: psnr(v[sel].mean()) for k, v in per.items()}
+    return out
 
 
 def specialization(wm_MN: torch.Tensor, names: list[str], threshold: float) -> dict:
@@ -170,6 +195,7 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
     verdicts on the transformed and original digits, which training cannot change, are cached there
     by ``n`` instead of recomputed at every periodic evaluation.
     """
+    n = min(n, proto.test_x.shape[0])
     x, clean = proto.test_x[:n], proto.test_clean[:n]
     mech, labels = proto.test_mech[:n], proto.test_labels[:n]
     res = run_committee(experts, disc_module, x, plan, dist, cfg)
@@ -196,6 +222,7 @@ def evaluate(experts: LocalExperts, disc_module, proto: Protocol, classifier, pl
         "examples": n,
         "accuracy": acc,
         "accuracy_per_mechanism": per_mech,
+        "psnr": psnr_per_mechanism(res["restored"], x, clean, mech, proto.mechanisms),
         "win_matrix": wm,
         "mean_scores": mean_scores(res["scores"], mech, M),
         "winners": res["winners"],
@@ -211,4 +238,6 @@ def eval_metrics(ev: dict) -> dict:
         "eval/accuracy/restored": ev["accuracy"]["restored"],
         "eval/accuracy/original": ev["accuracy"]["original"],
         "eval/mechanisms_captured": ev["mechanisms_captured"],
+        "eval/psnr/restored": ev["psnr"]["all"]["restored"],
+        "eval/psnr/transformed": ev["psnr"]["all"]["transformed"],
     }

@@ -112,10 +112,10 @@ class MaskedAdam:
 class LocalExperts:
     """A rank's block of experts: the bank, its masked Adam, and BatchNorm buffer bookkeeping."""
 
-    def __init__(self, cfg: Config, ids: list[int], device: torch.device):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, ids: list[int], device: torch.device, channels: int = 1):
+        self.cfg, self.channels = cfg, channels
         self.ids = list(ids)
-        self.bank = ExpertBank.create(cfg.expert, cfg.seed, self.ids).to(device)
+        self.bank = ExpertBank.create(cfg.expert, cfg.seed, self.ids, channels).to(device)
         if cfg.train.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
@@ -148,9 +148,10 @@ class LocalExperts:
             bv, sv = b.view(E, -1), s.view(E, -1)
             bv.copy_(torch.where(restore_E.view(E, 1), sv, bv))
 
-    def expand_input(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x_B1HW.shape
-        x = x_B1HW.expand(B, self.num, H, W)
+    def expand_input(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """One batch for every local expert: ``[B, C, H, W]`` to the bank's ``[B, E*C, H, W]``."""
+        B, C, H, W = x_BCHW.shape
+        x = x_BCHW.expand(B, self.num, H, W) if C == 1 else x_BCHW.repeat(1, self.num, 1, 1)
         if self.cfg.train.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()

@@ -12,12 +12,16 @@ import torch  # noqa: E402
 
 
 def win_matrix_png(wm_MN: torch.Tensor, names: list[str], path: Path, title: str = "") -> Path:
-    """Figure 5: the fraction of each mechanism's test digits won by each expert."""
+    """Figure 5: the fraction of each mechanism's test examples won by each expert.
+
+    The canvas grows with the longest label and the committee, and the file is cropped to what was drawn
+    (``bbox_inches="tight"``), so long labels and many experts stay whole."""
     M, N = wm_MN.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * N, 1.0 + 0.4 * M))
+    label_in = 0.07 * max((len(n) for n in names), default=0)
+    fig, ax = plt.subplots(figsize=(1.6 + label_in + 0.45 * N, 1.2 + 0.4 * M), layout="constrained")
     im = ax.imshow(wm_MN.numpy(), vmin=0, vmax=1, cmap="viridis")
-    ax.set_xticks(range(N))
-    ax.set_yticks(range(M), names)
+    ax.set_xticks(range(N), [str(e) for e in range(N)], fontsize=7 if N <= 30 else 5)
+    ax.set_yticks(range(M), names, fontsize=8 if M <= 30 else 6)
     ax.set_xlabel("expert")
     for m in range(M):
         for e in range(N):
@@ -26,22 +30,27 @@ def win_matrix_png(wm_MN: torch.Tensor, names: list[str], path: Path, title: str
                 ax.text(e, m, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
                         color="black" if v > 0.5 else "white")
     fig.colorbar(im, ax=ax, fraction=0.03)
-    ax.set_title(title or "share of each mechanism won by each expert")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_title(title or "share of each mechanism won by each expert", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def samples_png(inputs_B1HW: torch.Tensor, outputs_B1HW: torch.Tensor, winners_B: torch.Tensor, path: Path,
+def image_array(x_CHW: torch.Tensor):
+    """An image as matplotlib draws it: [H, W] for grey (with cmap gray), [H, W, 3] for colour."""
+    x = x_CHW.float().clamp(0, 1)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def samples_png(inputs_BCHW: torch.Tensor, outputs_BCHW: torch.Tensor, winners_B: torch.Tensor, path: Path,
                 n: int = 16) -> Path:
-    """Figure 3: transformed inputs (top) and the winning experts' outputs (bottom)."""
-    n = min(n, inputs_B1HW.shape[0])
+    """Figure 3: transformed inputs (top) and the winning experts' outputs (bottom), grey or in colour."""
+    n = min(n, inputs_BCHW.shape[0])
     fig, axes = plt.subplots(2, n, figsize=(n * 0.8, 1.9))
     for i in range(n):
-        for row, img in enumerate((inputs_B1HW[i, 0], outputs_B1HW[i, 0])):
+        for row, img in enumerate((inputs_BCHW[i], outputs_BCHW[i])):
             ax = axes[row, i] if n > 1 else axes[row]
-            ax.imshow(img.float().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(image_array(img), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         (axes[1, i] if n > 1 else axes[1]).set_xlabel(f"E{int(winners_B[i])}", fontsize=7)
@@ -70,7 +79,8 @@ def scores_png(rows: list[dict], names: list[str], num_experts: int, path: Path)
     its = [r["iteration"] for r in rows]
     cols = min(5, len(names))
     nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.2 * nrows), squeeze=False)
+    # constrained layout places the shared axis labels (supxlabel, supylabel) beside the tick labels, not on them
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.2 * nrows), squeeze=False, layout="constrained")
     cmap = plt.get_cmap("tab20" if num_experts > 10 else "tab10")
     for m, name in enumerate(names):
         ax = axes[m // cols][m % cols]
@@ -80,14 +90,13 @@ def scores_png(rows: list[dict], names: list[str], num_experts: int, path: Path)
             if pts:
                 ax.plot([p[0] for p in pts], _smooth([p[1] for p in pts], 5), color=cmap(e % 20),
                         lw=1, label=f"E{e}", ls="-" if e < 10 else "--")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name if len(name) <= 28 else name[:27] + "…", fontsize=9)
         ax.set_ylim(0, 1)
     for k in range(len(names), nrows * cols):
         axes[k // cols][k % cols].axis("off")
     axes[0][0].legend(fontsize=5, ncol=2)
     fig.supxlabel("iteration")
     fig.supylabel("mean D score")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -113,23 +122,23 @@ def accuracy_png(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def final_pngs(ev: dict, test_x_B1HW: torch.Tensor, names: list[str], num_experts: int, rows: list[dict],
+def final_pngs(ev: dict, test_x_BCHW: torch.Tensor, names: list[str], num_experts: int, rows: list[dict],
                fig_dir: Path) -> list[Path]:
     """The figures of a finished run: Figures 3, 4, 5 and 6 from the final evaluation and the metrics."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix.png"),
-        samples_png(test_x_B1HW, ev["restored"], ev["winners"], fig_dir / "samples.png"),
+        samples_png(test_x_BCHW, ev["restored"], ev["winners"], fig_dir / "samples.png"),
         scores_png(rows, names, num_experts, fig_dir / "scores.png"),
         accuracy_png(rows, fig_dir / "accuracy.png"),
     ]
     return [p for p in paths if p is not None]
 
 
-def latest_pngs(ev: dict, test_x_B1HW: torch.Tensor, names: list[str], fig_dir: Path, iteration: int) -> dict:
+def latest_pngs(ev: dict, test_x_BCHW: torch.Tensor, names: list[str], fig_dir: Path, iteration: int) -> dict:
     """The win matrix and samples of a periodic evaluation, by wandb key."""
     return {
         "figures/win_matrix": win_matrix_png(ev["win_matrix"], names, fig_dir / "win_matrix_latest.png",
                                              title=f"iteration {iteration}"),
-        "figures/samples": samples_png(test_x_B1HW, ev["restored"], ev["winners"], fig_dir / "samples_latest.png"),
+        "figures/samples": samples_png(test_x_BCHW, ev["restored"], ev["winners"], fig_dir / "samples_latest.png"),
     }

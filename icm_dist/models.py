@@ -5,7 +5,8 @@ Expert). ``ExpertBank`` holds a rank's block of experts as one module of grouped
 expert ``j`` of the bank owns output channels ``[j*width, (j+1)*width)`` of every layer, and BatchNorm
 statistics are per channel, so the bank computes exactly what ``E`` separate experts would, in
 one kernel per layer. Parameter names are shared: ``bank.expert_state(j)`` is a state dict that
-``Expert.load_state_dict`` takes as it is.
+``Expert.load_state_dict`` takes as it is. Images have ``channels`` C (1 for MNIST, 3 for colour): an
+expert maps C channels to C channels, D and the classifier take C.
 """
 
 from __future__ import annotations
@@ -118,66 +119,66 @@ def conv_forward(conv: nn.Conv2d, h: torch.Tensor, cfg: ExpertConfig) -> torch.T
     return F.conv2d(h, standardized(conv.weight, cfg), conv.bias, padding=1, groups=conv.groups)
 
 
-def hidden_conv(cfg: ExpertConfig, i: int, experts: int = 1) -> nn.Conv2d:
-    """Layer ``i``'s 3x3 convolution for ``experts`` experts side by side (a grouped convolution). Only
-    without a norm does it carry a bias: every norm's shift makes one redundant."""
-    cin = experts * (1 if i == 0 else cfg.width)
+def hidden_conv(cfg: ExpertConfig, i: int, experts: int = 1, channels: int = 1) -> nn.Conv2d:
+    """Layer ``i``'s 3x3 convolution for ``experts`` experts side by side (a grouped convolution) on images
+    of ``channels`` channels. Only without a norm does it carry a bias: every norm's shift makes one redundant."""
+    cin = experts * (channels if i == 0 else cfg.width)
     return nn.Conv2d(cin, experts * cfg.width, 3, padding=1, bias=cfg.norm == "none", groups=experts)
 
 
 class Expert(nn.Module):
-    """One expert: ``depth`` x (3x3 conv, norm, ELU), then a 3x3 conv to one channel and a sigmoid.
+    """One expert: ``depth`` x (3x3 conv, norm, ELU), then a 3x3 conv back to the image's channels and a sigmoid.
 
     Fully convolutional, so it applies to any image size (46x46 symbols as well as 32x32 digits),
     provided the size is divisible by ``2**pool``.
     """
 
-    def __init__(self, cfg: ExpertConfig):
+    def __init__(self, cfg: ExpertConfig, channels: int = 1):
         super().__init__()
-        self.cfg = cfg
-        self.convs = nn.ModuleList(hidden_conv(cfg, i) for i in range(cfg.depth))
+        self.cfg, self.channels = cfg, channels
+        self.convs = nn.ModuleList(hidden_conv(cfg, i, channels=channels) for i in range(cfg.depth))
         self.norms = nn.ModuleList(make_norm(cfg) for _ in range(cfg.depth))
-        self.out = nn.Conv2d(cfg.width, 1, 3, padding=1)
+        self.out = nn.Conv2d(cfg.width, channels, 3, padding=1)
 
-    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        h = run_blocks(self.cfg, x_B1HW, lambda i, h: conv_forward(self.convs[i], h, self.cfg),
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = run_blocks(self.cfg, x_BCHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg),
                        lambda i, h: self.norms[i](h), F.elu)
         return torch.sigmoid(self.out(h))
 
 
-def make_expert(cfg: ExpertConfig, seed: int, expert_id: int) -> Expert:
+def make_expert(cfg: ExpertConfig, seed: int, expert_id: int, channels: int = 1) -> Expert:
     """Expert ``expert_id`` initialized from the stream keyed by (seed, expert id): the same on any rank."""
     with seeded(seed, "expert-init", expert_id):
-        return Expert(cfg)
+        return Expert(cfg, channels)
 
 
 class ExpertBank(nn.Module):
     """A block of ``E`` experts with global ids ``ids``, computed as grouped convolutions.
 
-    ``forward`` takes ``[B, E, H, W]`` (input ``j`` goes to expert ``j``; expand one batch to give
-    every expert the same input) and returns ``[B, E, H, W]``.
+    ``forward`` takes ``[B, E*C, H, W]`` (channels ``[j*C, (j+1)*C)`` go to expert ``j``; expand one
+    batch to give every expert the same input) and returns ``[B, E*C, H, W]``.
     """
 
-    def __init__(self, cfg: ExpertConfig, ids: list[int]):
+    def __init__(self, cfg: ExpertConfig, ids: list[int], channels: int = 1):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.channels = cfg, channels
         self.ids = list(ids)
         E, width = len(ids), cfg.width
         self.num = E
-        self.convs = nn.ModuleList(hidden_conv(cfg, i, E) for i in range(cfg.depth))
+        self.convs = nn.ModuleList(hidden_conv(cfg, i, E, channels) for i in range(cfg.depth))
         self.norms = nn.ModuleList(make_norm(cfg, E) for _ in range(cfg.depth))
-        self.out = nn.Conv2d(E * width, E, 3, padding=1, groups=E)
-        self._template = {k: v.shape for k, v in Expert(cfg).state_dict().items()}
+        self.out = nn.Conv2d(E * width, E * channels, 3, padding=1, groups=E)
+        self._template = {k: v.shape for k, v in Expert(cfg, channels).state_dict().items()}
 
     @classmethod
-    def create(cls, cfg: ExpertConfig, seed: int, ids: list[int]) -> "ExpertBank":
-        bank = cls(cfg, ids)
+    def create(cls, cfg: ExpertConfig, seed: int, ids: list[int], channels: int = 1) -> "ExpertBank":
+        bank = cls(cfg, ids, channels)
         for j, gid in enumerate(ids):
-            bank.load_expert_state(j, make_expert(cfg, seed, gid).state_dict())
+            bank.load_expert_state(j, make_expert(cfg, seed, gid, channels).state_dict())
         return bank
 
-    def forward(self, x_BEHW: torch.Tensor, collect_stats: list | None = None) -> torch.Tensor:
-        """All experts at once: ``[B, E, H, W]`` in, ``[B, E, H, W]`` out.
+    def forward(self, x_BECHW: torch.Tensor, collect_stats: list | None = None) -> torch.Tensor:
+        """All experts at once: ``[B, E*C, H, W]`` in, ``[B, E*C, H, W]`` out.
 
         With ``collect_stats`` (a list, training mode, no autograd) and BatchNorm, BatchNorm normalizes
         with batch statistics computed here, updates the running statistics as nn.BatchNorm2d would,
@@ -197,10 +198,10 @@ class ExpertBank(nn.Module):
             collect_stats.append((mean.float(), invstd.float()))
             return h
 
-        h = run_blocks(self.cfg, x_BEHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg), norm, fast_elu)
+        h = run_blocks(self.cfg, x_BECHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg), norm, fast_elu)
         return torch.sigmoid(self.out(h))
 
-    def forward_one(self, j: int, x_B1HW: torch.Tensor, stats: list) -> torch.Tensor:
+    def forward_one(self, j: int, x_BCHW: torch.Tensor, stats: list) -> torch.Tensor:
         """Local expert ``j`` alone on ``x``: the outputs it had in the full pass of :meth:`forward`.
 
         BatchNorm uses the fixed ``stats`` of that pass (constants: no gradient flows through them);
@@ -226,9 +227,10 @@ class ExpertBank(nn.Module):
             scale = (invstd[sl] * n.weight[sl]).view(1, width, 1, 1)
             return (h - mean[sl].view(1, width, 1, 1)) * scale + n.bias[sl].view(1, width, 1, 1)
 
-        h = run_blocks(self.cfg, x_B1HW, conv, norm, fast_elu)
+        h = run_blocks(self.cfg, x_BCHW, conv, norm, fast_elu)
+        C = self.channels
         w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()
-        return torch.sigmoid(F.conv2d(h, w, self.out.bias[j:j + 1], padding=1))
+        return torch.sigmoid(F.conv2d(h, w, self.out.bias[j * C:(j + 1) * C], padding=1))
 
     # -- per-expert views ------------------------------------------------------------------
     def _expert_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -267,7 +269,7 @@ class ExpertBank(nn.Module):
     def to_experts(self) -> list[Expert]:
         experts = []
         for j in range(self.num):
-            e = Expert(self.cfg).to(next(self.parameters()).device)
+            e = Expert(self.cfg, self.channels).to(next(self.parameters()).device)
             e.load_state_dict(self.expert_state(j))
             experts.append(e)
         return experts
@@ -277,10 +279,10 @@ class Discriminator(nn.Module):
     """Table 1's discriminator: pairs of 3x3 conv + ELU, each pair followed by 2x2 average pooling,
     then FC ``hidden`` + ELU and FC 1. Returns logits (trained with BCE-with-logits)."""
 
-    def __init__(self, cfg: DiscriminatorConfig, image_size: int = 32):
+    def __init__(self, cfg: DiscriminatorConfig, image_size: int = 32, channels: int = 1):
         super().__init__()
         layers: list[nn.Module] = []
-        cin = 1
+        cin = channels
         for w in cfg.widths:
             layers += [nn.Conv2d(cin, w, 3, padding=1), FastELU(), nn.Conv2d(w, w, 3, padding=1), FastELU(),
                        nn.AvgPool2d(2)]
@@ -290,32 +292,35 @@ class Discriminator(nn.Module):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(cin * side * side, cfg.hidden), FastELU(),
                                 nn.Linear(cfg.hidden, 1))
 
-    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        h = self.features(x_B1HW)
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        h = self.features(x_BCHW)
         # The head runs in fp32 even under bf16 autocast: the logits decide every winner, and bf16's
         # 8-bit mantissa would turn near-equal scores into exact ties (all going to the lowest id).
         with torch.autocast(h.device.type, enabled=False):
             return self.fc(h.float()).squeeze(1)
 
 
-def make_discriminator(cfg: Config) -> Discriminator:
+def make_discriminator(cfg: Config, channels: int = 1) -> Discriminator:
     # Keyed by seed only: every rank builds the same D (DDP would broadcast rank 0's anyway).
     with seeded(cfg.seed, "discriminator-init"):
-        return Discriminator(cfg.discriminator)
+        return Discriminator(cfg.discriminator, cfg.data.image_size, channels)
 
 
 class Classifier(nn.Module):
     """A small CNN for evaluation, trained on the canonical half (>= 99% on clean MNIST test digits)."""
 
-    def __init__(self):
+    def __init__(self, channels: int = 1, image_size: int = 32, classes: int = 10):
         super().__init__()
+        side = image_size // 4
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * side * side, 128), nn.ReLU(), nn.Dropout(0.25),
+            nn.Linear(128, classes))
 
-    def forward(self, x_B1HW: torch.Tensor) -> torch.Tensor:
-        return self.net(x_B1HW)
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.net(x_BCHW)
 
 
 def num_params(module: nn.Module) -> int:

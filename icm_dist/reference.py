@@ -48,7 +48,7 @@ def _with_batch_stats(expert: Expert, x: torch.Tensor, stats: list) -> torch.Ten
 
 
 def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimizer], disc: torch.nn.Module,
-                   disc_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor, x_real_B1HW: torch.Tensor,
+                   disc_opt: torch.optim.Optimizer, x_fake_BCHW: torch.Tensor, x_real_BCHW: torch.Tensor,
                    expert_backward: str = "dense") -> StepResult:
     """Algorithm 1 written plainly, one process, fp32: a loop over experts and a dense backward.
 
@@ -61,7 +61,7 @@ def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimize
         e.train()
     stats: list[list] = [[] for _ in experts]
     hooks = [h for e, st in zip(experts, stats) for h in _batch_stats_hooks(e, st)]
-    outs = [e(x_fake_B1HW) for e in experts]  # N x [B, 1, H, W], graph kept
+    outs = [e(x_fake_BCHW) for e in experts]  # N x [B, C, H, W], graph kept
     for h in hooks:
         h.remove()
     scores_BN = torch.stack([disc(o) for o in outs], dim=1)  # D logits, graph through D and the experts
@@ -75,7 +75,7 @@ def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimize
         mask = winners_B == j
         if mask.any():
             if expert_backward == "winners":
-                logits = disc(_with_batch_stats(experts[j], x_fake_B1HW[mask], stats[j]))
+                logits = disc(_with_batch_stats(experts[j], x_fake_BCHW[mask], stats[j]))
             else:
                 logits = scores_BN[mask, j]
             loss_j = F.softplus(-logits).mean()
@@ -95,7 +95,7 @@ def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimize
 
     # D: equation (3) on the canonical batch and on every expert's output (losers punished too).
     disc_opt.zero_grad(set_to_none=True)
-    disc_loss = F.softplus(-disc(x_real_B1HW)).mean()
+    disc_loss = F.softplus(-disc(x_real_BCHW)).mean()
     for o in outs:
         disc_loss = disc_loss + F.softplus(disc(o.detach())).mean() / N
     disc_loss.backward()

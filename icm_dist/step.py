@@ -58,8 +58,8 @@ def settle(scores_BN: torch.Tensor, capacity: int | None, divisions) -> torch.Te
     return winners_B
 
 
-def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimizer, x_fake_B1HW: torch.Tensor,
-                     x_real_B1HW: torch.Tensor, plan: ShardPlan, dist: Dist, capacity: int | None = None,
+def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimizer, x_fake_BCHW: torch.Tensor,
+                     x_real_BCHW: torch.Tensor, plan: ShardPlan, dist: Dist, capacity: int | None = None,
                      divisions: tuple | list = ()) -> StepResult:
     """One iteration of Algorithm 1 on this rank. ``disc`` may be wrapped in DDP.
 
@@ -69,20 +69,20 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     (:func:`routing.divide_wins`).
     """
     cfg = experts.cfg
-    B, _, H, W = x_fake_B1HW.shape
+    B, C, H, W = x_fake_BCHW.shape
     E, N = experts.num, plan.num_experts
     amp = autocast(dist.device, cfg.train.precision)
 
     saved = experts.snapshot_buffers()
     sparse = expert_backward(cfg) == "winners"
     stats: list | None = [] if sparse else None
-    out_BEHW = _experts_forward(experts, x_fake_B1HW, stats, amp)
+    out_BECHW = _experts_forward(experts, x_fake_BCHW, stats, amp)
 
     # One D pass both scores the experts and builds D's update: its outputs, taken before D's step,
     # are the scores c_j of Algorithm 1. Going through the DDP wrapper here is what arms its hooks.
-    reals = x_real_B1HW[real_slice(B, dist.world_size, dist.rank)]
+    reals = x_real_BCHW[real_slice(B, dist.world_size, dist.rank)]
     R = reals.shape[0]
-    fakes = out_BEHW.detach().float().reshape(B * E, 1, H, W)  # row i*E + j: local expert j on example i
+    fakes = out_BECHW.detach().float().reshape(B * E, C, H, W)  # row i*E + j: local expert j on example i
     with amp:
         logits = disc(torch.cat([reals, fakes], dim=0)).float()
     real_logits, fake_logits_BE = logits[:R], logits[R:].view(B, E)
@@ -98,7 +98,7 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     mine_B = (local_B >= 0) & (local_B < E)
     won_E = torch.bincount(local_B[mine_B], minlength=E)
     experts.opt.zero_grad()
-    expert_loss_E = _experts_backward(experts, getattr(disc, "module", disc), x_fake_B1HW, out_BEHW, local_B,
+    expert_loss_E = _experts_backward(experts, getattr(disc, "module", disc), x_fake_BCHW, out_BECHW, local_B,
                                       mine_B, won_E, stats, amp, dist.device)
 
     disc_opt.zero_grad(set_to_none=True)
@@ -111,8 +111,8 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     return StepResult(winners_B, scores_BN, disc_loss_local.detach(), expert_loss_E, won_E)
 
 
-def _experts_forward(experts: LocalExperts, x_fake_B1HW: torch.Tensor, stats: list | None, amp) -> torch.Tensor:
-    """Every local expert on the whole batch, ``[B, E, H, W]``, in training mode.
+def _experts_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, stats: list | None, amp) -> torch.Tensor:
+    """Every local expert on the whole batch, ``[B, E*C, H, W]``, in training mode.
 
     dense (``stats`` is None): the experts' graph is kept over the whole batch, as in the paper's
     formulation, where BatchNorm's batch statistics carry gradient from every example.
@@ -121,13 +121,13 @@ def _experts_forward(experts: LocalExperts, x_fake_B1HW: torch.Tensor, stats: li
     """
     experts.bank.train()
     with amp, torch.set_grad_enabled(stats is None):
-        x_BEHW = experts.expand_input(x_fake_B1HW)
+        x_BECHW = experts.expand_input(x_fake_BCHW)
         if stats is not None and experts.cfg.expert.norm == "batch":
-            return experts.bank(x_BEHW, collect_stats=stats)  # BatchNorm's statistics, kept for forward_one
-        return experts.train_forward(x_BEHW)
+            return experts.bank(x_BECHW, collect_stats=stats)  # BatchNorm's statistics, kept for forward_one
+        return experts.train_forward(x_BECHW)
 
 
-def _experts_backward(experts: LocalExperts, disc_module, x_fake_B1HW, out_BEHW, local_B, mine_B, won_E, stats,
+def _experts_backward(experts: LocalExperts, disc_module, x_fake_BCHW, out_BECHW, local_B, mine_B, won_E, stats,
                       amp, device) -> torch.Tensor:
     """Each local winner maximizes log D on the examples it won, through D before its update.
 
@@ -146,11 +146,11 @@ def _experts_backward(experts: LocalExperts, disc_module, x_fake_B1HW, out_BEHW,
         for j in torch.unique(cols).tolist():
             sel = rows[cols == j]
             with amp:
-                parts.append(experts.bank.forward_one(j, _fmt(x_fake_B1HW[sel], experts.cfg), stats))
+                parts.append(experts.bank.forward_one(j, _fmt(x_fake_BCHW[sel], experts.cfg), stats))
             part_cols.append(torch.full((len(sel),), j, device=device, dtype=torch.long))
         won_out, cols = torch.cat(parts), torch.cat(part_cols)
     else:
-        won_out = out_BEHW[rows, cols].unsqueeze(1)  # [k, 1, H, W]
+        won_out = out_BECHW.unflatten(1, (E, -1))[rows, cols]  # [k, C, H, W]
     with amp:
         won_logits = disc_module(won_out.float()).float()
     per_example = F.softplus(-won_logits)  # -log sigmoid

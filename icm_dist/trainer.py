@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_lib
 from . import figures
 from .config import Config, config_hash
-from .data.mnist import load_mnist
+from .data.images import load_images
 from .data.protocol import build_protocol
 from .dist import Dist, ShardPlan, init_distributed
 from .errors import CheckpointError, TrainingError
@@ -120,9 +120,9 @@ class Trainer:
         self.t_start = time.time()
         self.log = print if dist.is_main else (lambda *a, **k: None)
         self.plan = ShardPlan(cfg.expert.num, dist.world_size)  # more ranks than experts stops here, on every rank
-        self.names = list(cfg.data.mechanisms)
         self.run_dir = RunDir(cfg.run.out_dir)
         self._setup_data()
+        self.names = self.proto.mechanisms  # the mechanisms' labels
         self._setup_models()
         self.resumed_from = self._resolve_resume()
         self.start, self.state = 0, TrainerState(SplitState([0] * cfg.expert.num))
@@ -150,18 +150,19 @@ class Trainer:
     def _setup_data(self) -> None:
         # Rank 0 may have to build the safetensors cache; the others wait and then read it.
         if self.dist.is_main:
-            mnist = load_mnist(self.cfg.data.root, self.cfg.data.source)
+            images = load_images(self.cfg.data)
         self.dist.barrier()
         if not self.dist.is_main:
-            mnist = load_mnist(self.cfg.data.root, self.cfg.data.source)
-        self.proto = build_protocol(self.cfg, mnist)
+            images = load_images(self.cfg.data)
+        self.proto = build_protocol(self.cfg, images)
         self.fake_x = self.proto.transformed_x.to(self.dist.device)
         self.real_x = self.proto.canonical_x.to(self.dist.device)
 
     def _setup_models(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.experts = LocalExperts(cfg, list(self.plan.block(dist.rank)), dist.device)
-        self.disc_module = make_discriminator(cfg).to(dist.device)
+        C = self.proto.channels
+        self.experts = LocalExperts(cfg, list(self.plan.block(dist.rank)), dist.device, C)
+        self.disc_module = make_discriminator(cfg, C).to(dist.device)
         if cfg.train.channels_last:
             self.disc_module = self.disc_module.to(memory_format=torch.channels_last)
         self.disc_opt = torch.optim.Adam(self.disc_module.parameters(), lr=cfg.train.lr_discriminator,
@@ -334,8 +335,9 @@ class Trainer:
         self.tracker.log_images({f"figures/{p.stem}": p for p in paths}, final_it)
         self.tracker.log_win_matrix(ev["win_matrix"], self.names, final_it)
         self.tracker.log_charts(final_it)
-        self.tracker.summary({k: summary[k] for k in ("iterations", "world_size", "accuracy", "mechanisms_captured",
-                                                      "captured", "win_matrix", "stopped_early", "wall_seconds")})
+        self.tracker.summary({k: summary[k] for k in ("iterations", "world_size", "accuracy", "psnr",
+                                                      "mechanisms_captured", "captured", "win_matrix",
+                                                      "stopped_early", "wall_seconds")})
         acc = ev["accuracy"]
         self.log(f"done: {final_it} iterations in {summary['wall_seconds']:.0f}s; accuracy transformed "
                  f"{acc['transformed']:.3f} restored {acc['restored']:.3f} original {acc['original']:.3f}; "
@@ -354,6 +356,9 @@ class Trainer:
             "eval_examples": ev["examples"],
             "accuracy": ev["accuracy"],
             "accuracy_per_mechanism": ev["accuracy_per_mechanism"],
+            "psnr": ev["psnr"],
+            "data": {"dataset": self.cfg.data.dataset, "channels": self.proto.channels,
+                     "image_size": self.cfg.data.image_size, "classes": len(self.proto.classes)},
             "win_matrix": [[round(float(v), 4) for v in r] for r in ev["win_matrix"]],
             "captured": ev["captured"],
             "mechanisms_captured": ev["mechanisms_captured"],

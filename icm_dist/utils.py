@@ -1,9 +1,11 @@
-"""Small helpers shared by several modules (file digests, nested-dict flattening)."""
+"""Small helpers shared by several modules (file digests, atomic writes, nested-dict flattening)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -30,3 +32,19 @@ def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
 def strip_prefix(d: dict, prefix: str) -> dict:
     """The entries of ``d`` whose keys start with ``prefix``, the prefix removed."""
     return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same folder, fsync, os.replace: readers (other ranks, other
+    runs) see the old file or the complete new one, never a half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

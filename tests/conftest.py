@@ -20,6 +20,8 @@ def data_root() -> str:
 
 @pytest.fixture(scope="session")
 def mnist(data_root):
-    from icm_dist.data.mnist import load_mnist
+    """MNIST as the protocol takes it (an ImageData); loading it builds the safetensors cache once."""
+    from icm_dist.config import DataConfig
+    from icm_dist.data.images import load_images
 
-    return load_mnist(data_root)
+    return load_images(DataConfig(root=data_root))

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from ..data.mechanisms import SHIFT_PIXELS, get_mechanism  # noqa: E402
+from ..data.library import resolve_mechanism, resolve_mechanisms  # noqa: E402
+from ..data.mechanisms import SHIFT_PIXELS, Mechanism  # noqa: E402
 from ..data.symbols import load_symbols  # noqa: E402
 from ..errors import CheckpointError, ConfigError  # noqa: E402
 from ..rundir import RunDir  # noqa: E402
@@ -73,8 +74,10 @@ def run_batched(fn: Fn, x: Tensor, batch: int | None = None) -> Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
 
-def _mechanism(name: str, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
-    fn = get_mechanism(name)
+def _mechanism(name: str, seed: int,
+               table: Mapping[str, Mechanism] | None = None) -> Callable[[Tensor, Tensor], Tensor]:
+    """Mechanism ``name``: a run's mechanism by its label (``table``), else a registered name."""
+    fn = table[name] if table and name in table else resolve_mechanism(name).fn
     return lambda x, ids: fn(x, ids, seed)
 
 
@@ -87,6 +90,7 @@ def measure_generalization(
     captured: Mapping[str, int | None] | None = None,
     crop: int = SHIFT_PIXELS,
     batch: int | None = 100,
+    table: Mapping[str, Mechanism] | None = None,
 ) -> dict:
     """Every expert on every mechanism's transform of the symbols, measured against the clean symbols.
 
@@ -108,7 +112,7 @@ def measure_generalization(
     out = {"num_symbols": B, "num_experts": len(experts), "mechanisms": list(names), "crop": crop,
            "mse": [], "input_mse": [], "per_mechanism": {}}
     for name in names:
-        x = _mechanism(name, seed)(s, ids)
+        x = _mechanism(name, seed, table)(s, ids)
         base_B = per_example_mse(x, s, crop)
         mse_NB = torch.stack([per_example_mse(run_batched(e, x, batch), s, crop) for e in experts]) \
             if experts else torch.zeros(0, B)
@@ -145,6 +149,7 @@ def measure_composition(
     batch: int | None = 100,
     labels: Sequence[str] | None = None,
     keep: int = 8,
+    table: Mapping[str, Mechanism] | None = None,
 ) -> tuple[dict, list[Tensor]]:
     """Apply the mechanisms ``chain`` in order to the symbols, then the callables ``undo`` in order (the
     inverse of ``chain[-1]`` first), measuring after each stage.
@@ -160,7 +165,7 @@ def measure_composition(
     s = symbols_B1HW.float()
     partial = [s]  # partial[k]: the first k mechanisms applied
     for name in chain:
-        partial.append(_mechanism(name, seed)(partial[-1], ids))
+        partial.append(_mechanism(name, seed, table)(partial[-1], ids))
     labels = list(labels) if labels is not None else [f"inverse of {n}" for n in reversed(chain)]
     x = partial[-1]
     stages = [{"stage": "input (" + " then ".join(chain) + ")", "mse": float(per_example_mse(x, s, crop).mean()),
@@ -230,7 +235,7 @@ def _tile(ax, img: Tensor, frame: str | None = None) -> None:
 
 @torch.no_grad()
 def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_B1HW: Tensor, seed: int,
-                       result: dict, path: Path) -> Path:
+                       result: dict, path: Path, table: Mapping[str, Mechanism] | None = None) -> Path:
     """Figure 7: a column per mechanism (a different symbol each, transformed, on top), a row per expert
     (the capturing experts first, so they form the diagonal), the clean symbol at the bottom. The
     capturing expert's tile is framed red, the best expert's (when it is another) orange."""
@@ -246,7 +251,7 @@ def generalization_png(experts: Sequence[Fn], names: Sequence[str], symbols_B1HW
     for m, name in enumerate(names):
         k = m % B
         s = symbols_B1HW[k:k + 1].float()
-        x = _mechanism(name, seed)(s, torch.tensor([k]))
+        x = _mechanism(name, seed, table)(s, torch.tensor([k]))
         _tile(axes[0, m], x)
         axes[0, m].set_title(f"{name}\nin {per[name]['input_mse']:.3f}", fontsize=7)
         for r, e in enumerate(order, start=1):
@@ -292,10 +297,14 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
     figures to RUN_DIR/figures/. Returns the numbers."""
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
-    for name in chain:
-        get_mechanism(name)  # an unknown name is a ConfigError listing the known ones
     run = RunDir(run_dir)
     src, modules = load_run(run.path)
+    if any(e.channels != 1 for e in modules):
+        raise ConfigError(f"run '{run}' was trained on colour images; the symbols of Figures 7 and 8 are grey")
+    table = {r.label: r.fn for r in resolve_mechanisms(src.cfg.data.mechanisms)}
+    for name in chain:
+        if name not in table:
+            resolve_mechanism(name)  # an unknown name is a ConfigError listing the known ones
     experts = [expert_fn(e) for e in modules]
     names, seed = src.names, int(src.cfg.seed)
     sym = load_symbols(symbols_root, n=n, source=source, seed=symbol_seed)
@@ -310,14 +319,15 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
                                   "examples": sym.labels[:10]},
         "captured": {nm: captured.get(nm) for nm in names}, "notes": notes,
     }
-    result["generalization"] = measure_generalization(experts, names, sym.images, seed, captured, batch=batch)
+    result["generalization"] = measure_generalization(experts, names, sym.images, seed, captured, batch=batch,
+                                                      table=table)
     figs = run.figures
     figs.mkdir(parents=True, exist_ok=True)
     result["figures"] = {"generalization": str(generalization_png(
-        experts, names, sym.images, seed, result["generalization"], figs / FIG7_FILE))}
+        experts, names, sym.images, seed, result["generalization"], figs / FIG7_FILE, table))}
     undo = _undo_experts(src.summary, names, captured, chain)
     result["composition"], result["figures"]["composition"] = _composition(
-        chain, undo, names, experts, sym.images, seed, batch, figs / FIG8_FILE)
+        chain, undo, names, experts, sym.images, seed, batch, figs / FIG8_FILE, table)
     path = run.write_generalization(result, out)
     result["json"] = str(path)
     _report(result, log)
@@ -340,7 +350,7 @@ def _undo_experts(summary: dict | None, names: Sequence[str], captured: Mapping[
 
 def _composition(chain: Sequence[str], undo: dict[str, tuple[int, str]], names: Sequence[str],
                  experts: Sequence[Fn], symbols_B1HW: Tensor, seed: int, batch: int,
-                 png: Path) -> tuple[dict, str | None]:
+                 png: Path, table: Mapping[str, Mechanism] | None = None) -> tuple[dict, str | None]:
     """Figure 8: (numbers, figure path), or the reason it was skipped and None when a mechanism of the
     chain has no expert to undo it."""
     missing = [nm for nm in chain if nm not in undo]
@@ -351,7 +361,7 @@ def _composition(chain: Sequence[str], undo: dict[str, tuple[int, str]], names: 
     undo_ids = [undo[nm][0] for nm in reversed(chain)]
     labels = [f"E{undo[nm][0]} ({nm}{undo[nm][1]})" for nm in reversed(chain)]
     comp, images = measure_composition(chain, [experts[g] for g in undo_ids], symbols_B1HW, seed,
-                                       batch=batch, labels=labels)
+                                       batch=batch, labels=labels, table=table)
     comp["experts"] = undo_ids
     rows = ["input"] + [f"after {lb}" for lb in labels] + ["ground truth"]
     return comp, str(composition_png(images, rows, png))

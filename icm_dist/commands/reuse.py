@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import checkpoint as ck
 from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from ..data.library import resolve_mechanisms
 from ..data.protocol import build_protocol
 from ..dist import Dist, ShardPlan
 from ..errors import CheckpointError, ConfigError
@@ -48,7 +49,7 @@ def architecture(ecfg: ExpertConfig) -> str:
     ws = "weight-standardized " if ecfg.weight_standardization else ""
     return (f"depth x [{ws}conv3x3 -> {NORMS[ecfg.norm]} -> ELU -> avg_pool2d(2) after the first `pool` blocks, "
             "nearest 2x upsampling before the last `pool` blocks] -> conv3x3 to 1 channel (with bias) -> sigmoid; "
-            "input and output [B, 1, H, W] in [0, 1]")
+            "input and output [B, C, H, W] in [0, 1], C the metadata's 'channels'")
 
 
 # ----------------------------------------------------------------------------- opening a run
@@ -63,7 +64,8 @@ class Source:
 
     @property
     def names(self) -> list[str]:
-        return list(self.cfg.data.mechanisms)
+        """The mechanisms' labels."""
+        return [m.label for m in resolve_mechanisms(self.cfg.data.mechanisms)]
 
 
 def open_source(path: str | Path, verify: bool = True) -> Source:
@@ -100,8 +102,8 @@ def _expert_cfg(meta: dict, where: str) -> ExpertConfig:
         raise CheckpointError(f"{where}: metadata 'expert_config' is missing or malformed ({e})") from None
 
 
-def _build_expert(ecfg: ExpertConfig, model: dict, where: str) -> Expert:
-    e = Expert(ecfg)
+def _build_expert(ecfg: ExpertConfig, model: dict, where: str, channels: int) -> Expert:
+    e = Expert(ecfg, channels)
     ck.check_fits(where, model, e.state_dict())
     e.load_state_dict(model)
     return e.eval()
@@ -113,7 +115,7 @@ def load_expert(src: Source, gid: int) -> Expert:
         raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
     path = src.ckpt / ck.expert_filename(gid)
     state, _ = ck.load_expert_file(path)
-    return _build_expert(src.cfg.expert, state.model, str(path))
+    return _build_expert(src.cfg.expert, state.model, str(path), ck.channels_of(src.manifest))
 
 
 def load_module_file(path: str | Path) -> tuple[Expert, dict]:
@@ -122,7 +124,8 @@ def load_module_file(path: str | Path) -> tuple[Expert, dict]:
     tensors, meta = ck.read_tensors(path)
     model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()
              if not k.startswith("optim.")}
-    return _build_expert(_expert_cfg(meta, str(path)), model, str(path)), meta
+    channels = int(meta.get("channels", 1))  # files from before colour data: MNIST's one channel
+    return _build_expert(_expert_cfg(meta, str(path)), model, str(path), channels), meta
 
 
 def expert_for(src: Source, name_or_id: str) -> int:
@@ -168,6 +171,7 @@ def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
         "expert_id": str(gid),
         "expert_config": json.dumps({k: exp_cfg[k] for k in ("width", "depth", "pool", "norm", "groups",
                                                              "weight_standardization")}),
+        "channels": str(ck.channels_of(src.manifest)),
         "architecture": architecture(src.cfg.expert),
         "mechanism": json.dumps(captured),
         "win_rate": json.dumps(rates[captured] if rates and captured else (max(rates.values()) if rates else None)),
@@ -189,43 +193,40 @@ def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
 # ----------------------------------------------------------------------------- inputs and outputs
 
 
-def read_inputs(path: str | Path, key: str | None = None) -> tuple[torch.Tensor, list[str] | None]:
-    """``[N, 1, H, W]`` float in [0, 1] from a folder of PNGs (and their names) or a safetensors file.
+def read_inputs(path: str | Path, key: str | None = None, channels: int = 1,
+                log=print) -> tuple[torch.Tensor, list[str] | None]:
+    """``[N, C, H, W]`` float in [0, 1] from a folder of PNG/JPEG images (read as grey or RGB, as ``channels``
+    says) and their names, or from a safetensors file's tensor ``key`` (default ``images``).
 
-    28x28 inputs (MNIST's size) are zero-padded to 32x32, as in training.
+    What cannot be right is refused with one line: values outside [0, 1], NaN or infinite values, integer
+    types other than uint8, the wrong number of channels, a file without an ``images`` tensor and no
+    ``--key``. uint8 is converted (divided by 255) and said so. 28x28 inputs (MNIST's size) are
+    zero-padded to 32x32, as in training.
     """
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png")
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not files:
-            raise CheckpointError(f"input folder '{p}' holds no .png files")
+            raise CheckpointError(f"input folder '{p}' holds no .png or .jpg files")
         imgs = []
         for f in files:
             try:
                 with Image.open(f) as im:
-                    imgs.append(torch.from_numpy(np.array(im.convert("L"), dtype=np.uint8)))
+                    a = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
             except OSError as e:
                 raise CheckpointError(f"cannot read image '{f}' ({e})") from None
+            imgs.append(torch.from_numpy(a)[None] if channels == 1 else torch.from_numpy(a).permute(2, 0, 1))
         shapes = {tuple(t.shape) for t in imgs}
         if len(shapes) > 1:
             raise CheckpointError(f"images in '{p}' have different sizes {sorted(shapes)}; use one size")
-        x = torch.stack(imgs).unsqueeze(1).float() / 255.0
+        x = torch.stack(imgs).float() / 255.0
         names = [f.name for f in files]
     elif p.is_file():
         tensors, _ = ck.read_tensors(p)
-        if key is None:
-            key = "images" if "images" in tensors else (next(iter(tensors)) if len(tensors) == 1 else None)
+        key = key or "images"
         if key not in tensors:
-            raise CheckpointError(f"'{p}' holds tensors {sorted(tensors)}; say which with --key")
-        x = tensors[key]
-        if x.dim() == 2:
-            x = x[None, None]
-        elif x.dim() == 3:
-            x = x[:, None]
-        if x.dim() != 4 or x.shape[1] != 1:
-            raise CheckpointError(f"tensor '{key}' in '{p}' has shape {tuple(x.shape)}; expected [N, 1, H, W], "
-                                  "[N, H, W] or [H, W]")
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            raise CheckpointError(f"'{p}' has no tensor '{key}' (it holds {sorted(tensors)}); name one with --key")
+        x = _as_images(tensors[key], channels, f"tensor '{key}' in '{p}'", log)
         names = None
     else:
         raise CheckpointError(f"input '{p}' does not exist (a folder of .png files or a .safetensors file)")
@@ -234,14 +235,36 @@ def read_inputs(path: str | Path, key: str | None = None) -> tuple[torch.Tensor,
     return x.contiguous(), names
 
 
+def _as_images(x: torch.Tensor, channels: int, where: str, log) -> torch.Tensor:
+    """A tensor as ``[N, C, H, W]`` float in [0, 1], or a CheckpointError saying what is wrong with it."""
+    if channels == 1 and x.dim() in (2, 3):
+        x = x[None, None] if x.dim() == 2 else x[:, None]
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise CheckpointError(f"{where} has shape {tuple(x.shape)}; expected [N, {channels}, H, W]"
+                              + (", [N, H, W] or [H, W]" if channels == 1 else ""))
+    if x.dtype == torch.uint8:
+        log(f"note: {where} is uint8: divided by 255 to [0, 1]")
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise CheckpointError(f"{where} is {x.dtype}; expected float images in [0, 1] (or uint8 in 0..255)")
+    x = x.float()
+    if not bool(torch.isfinite(x).all()):
+        raise CheckpointError(f"{where} holds NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 1:
+        hint = " (0..255 pixel values? divide by 255)" if hi > 1.5 else ""
+        raise CheckpointError(f"{where} holds values in [{lo:.4g}, {hi:.4g}]; expected images in [0, 1]{hint}")
+    return x
+
+
 def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, extra: dict, info: dict) -> Path:
     """PNGs with the input names into folder ``out`` (input was a folder), else a safetensors file."""
     out = Path(out)
     if names is not None:
         out.mkdir(parents=True, exist_ok=True)
-        u8 = (y.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0].numpy()
+        u8 = (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
         for name, img in zip(names, u8):
-            Image.fromarray(img, mode="L").save(out / name)
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / name)
         report = {"inputs": names, **info, **{k: v.tolist() for k, v in extra.items()}}
         (out / "apply.json").write_text(json.dumps(report, indent=1))
     else:
@@ -259,8 +282,9 @@ def load_committee(src: Source, device: torch.device | None = None):
     """Every expert of the checkpoint in one bank, D and its optimizer: (experts, disc, d_opt, plan, dist)."""
     device = device or torch.device("cpu")
     cfg = src.cfg
-    experts = LocalExperts(cfg, list(range(cfg.expert.num)), device)
-    disc = make_discriminator(cfg).to(device)
+    C = ck.channels_of(src.manifest)
+    experts = LocalExperts(cfg, list(range(cfg.expert.num)), device, C)
+    disc = make_discriminator(cfg, C).to(device)
     d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
                              eps=cfg.train.eps)
     ck.load_into(src.ckpt, cfg, experts, disc, d_opt, verify=False)  # open_source verified every file
@@ -270,8 +294,9 @@ def load_committee(src: Source, device: torch.device | None = None):
 @torch.no_grad()
 def apply_committee(src: Source, x: torch.Tensor) -> dict:
     """Each input restored by the expert D scores highest: ``restored``, ``winners``, ``scores``."""
-    if tuple(x.shape[-2:]) != (32, 32):
-        raise CheckpointError(f"the committee's discriminator scores 32x32 images but the inputs are "
+    S = src.cfg.data.image_size
+    if tuple(x.shape[-2:]) != (S, S):
+        raise CheckpointError(f"the committee's discriminator scores {S}x{S} images but the inputs are "
                               f"{tuple(x.shape[-2:])}; pad them, or apply a --chain of experts (any size)")
     experts, disc, _, plan, d = load_committee(src)
     res = run_committee(experts, disc, x, plan, d, src.cfg)
@@ -314,16 +339,17 @@ def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[Expert], l
 
 def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[str] | None = None,
           key: str | None = None) -> dict:
-    x, names = read_inputs(inputs, key)
     if chain is None and Path(source).is_file():
         chain = [str(source)]  # an exported expert on its own: apply it
     if chain:
         experts, labels = resolve_chain(source, chain)
+        x, names = read_inputs(inputs, key, experts[0].channels)
         y = apply_chain(experts, x)
         info = {"mode": "chain", "chain": labels}
         extra = {}
     else:
         src = open_source(source)
+        x, names = read_inputs(inputs, key, ck.channels_of(src.manifest))
         res = apply_committee(src, x)
         y = res["restored"]
         captured = (src.summary or {}).get("captured", {})
@@ -381,14 +407,15 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
             "pass --iterations (or train.iterations=...) to train on")
 
     old, disc, d_opt, _, _ = load_committee(src)
-    new = LocalExperts(new_cfg, list(range(new_n)), torch.device("cpu"))
+    C = ck.channels_of(src.manifest)
+    new = LocalExperts(new_cfg, list(range(new_n)), torch.device("cpu"), C)
     identity_info = None
     if add:
         # Fresh experts come from their own streams (seed, expert id) with a seed of their own, so they
         # do not repeat the initialization of the experts that once had their ids.
         fresh_cfg = copy.deepcopy(new_cfg)
         fresh_cfg.seed = cfg.seed + 1 if seed is None else seed
-        fresh = LocalExperts(fresh_cfg, list(range(len(kept), new_n)), torch.device("cpu"))
+        fresh = LocalExperts(fresh_cfg, list(range(len(kept), new_n)), torch.device("cpu"), C)
         if identity and cfg.identity_init.enabled and cfg.identity_init.max_steps > 0:
             proto = build_protocol(cfg)
             identity_info = identity_init(fresh, proto.transformed_x, fresh_cfg, torch.device("cpu"))
@@ -411,7 +438,7 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
     tmp = ck.begin_checkpoint(out_dir, it0)
     ck.write_experts(tmp, new_cfg, new, it0)
     final = ck.finish_checkpoint(tmp, it0, new_cfg, disc, d_opt, 1, state, [], keep=new_cfg.checkpoint.keep,
-                                 extra={"surgery": record})
+                                 extra={"surgery": record, "channels": C})
     config_file = RunDir(out_dir).config_file
     config_file.write_text(dump_yaml(new_cfg))
     log(f"surgery: kept experts {kept} (now 0..{len(kept) - 1}), removed {sorted(drop) or 'none'}, added {add}; "

@@ -1,4 +1,4 @@
-"""The mechanisms of appendix C: eight 4-pixel translations, contrast inversion, Gaussian noise.
+"""Mechanisms: the paper's ten (appendix C), parameterized built-ins, and users' own functions.
 
 Every mechanism is a pure function ``fn(x_BCHW, example_ids_B, seed) -> Tensor``: float images
 in [0, 1] in, a new tensor of the same shape, dtype and device out, the input never modified.
@@ -14,6 +14,7 @@ communicating.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Sequence
 
@@ -183,6 +184,20 @@ def gaussian_noise(shape_per_example: Sequence[int], example_ids: Tensor, seed: 
     return out_BP[:, :P].reshape((ids.numel(),) + shape)
 
 
+def uniform_per_example(example_ids: Tensor, seed: int, salt: str, k: int) -> Tensor:
+    """``[B, k]`` uniforms in (0, 1), float32, that depend only on (seed, salt, example id): the random
+    choices of a mechanism (a cutout's position) fixed per example. ``salt`` keeps one mechanism's stream
+    apart from another's; the construction is :func:`gaussian_noise`'s hashing with a salted seed."""
+    salted = int.from_bytes(hashlib.sha256(f"{int(seed)}/{salt}".encode()).digest()[:4], "little")
+    s0, s1 = _hash32_int(salted ^ 0x68E31DA4), _hash32_int(salted ^ 0xB5297A4D)
+    ids = example_ids.to(torch.int64)
+    k_B = _hash32_(_hash32_((ids & _M32) ^ s0) ^ ((ids >> 32) & _M32) ^ s1)
+    c = _hash32_(torch.arange(k, dtype=torch.int64, device=ids.device) ^ s1)
+    h = _hash32_(k_B[:, None] ^ c[None, :])
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32 up to the largest, 1 - 2**-24, so never 1.
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 2**23)
+
+
 @register("noise")
 def noise(x_BCHW: Tensor, example_ids_B: Tensor, seed: int) -> Tensor:
     """Add N(0, 0.25) noise fixed per (seed, example id), then clamp to [0, 1] (appendix C)."""
@@ -201,17 +216,17 @@ def noise(x_BCHW: Tensor, example_ids_B: Tensor, seed: int) -> Tensor:
 def apply_mechanisms(
     x_BCHW: Tensor,
     mech_idx_B: Tensor,
-    names: Sequence[str],
+    mechanisms: Sequence[str | Mechanism],
     example_ids_B: Tensor,
     seed: int,
 ) -> Tensor:
-    """Transform example i by mechanism ``names[mech_idx_B[i]]``.
+    """Transform example i by mechanism ``mechanisms[mech_idx_B[i]]`` (a registered name or a function).
 
     Examples are grouped by mechanism and each group goes through its mechanism as one batch, so
     the cost is one call per mechanism, not one per example. A mechanism sees only its group,
     which is safe because every mechanism is per example (noise depends on ids, not positions).
     """
-    fns = [get_mechanism(n) for n in names]
+    fns = [m if callable(m) else get_mechanism(m) for m in mechanisms]
     B = x_BCHW.shape[0]
     if mech_idx_B.shape != (B,) or example_ids_B.shape != (B,):
         raise ValueError(

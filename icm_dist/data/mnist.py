@@ -19,7 +19,6 @@ import importlib.util
 import os
 import pickle
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import Tensor
 from torchvision.datasets import MNIST
 
 from icm_dist.errors import DataError
-from icm_dist.utils import sha256_file
+from icm_dist.utils import atomic_write, sha256_file
 
 CACHE_NAME = "icm_dist_mnist.safetensors"
 CACHE_FORMAT = "1"
@@ -179,7 +178,7 @@ def load_torchvision_mnist(root: str | os.PathLike) -> dict[str, Any]:
     for name in TORCHVISION_FILES:
         if not (raw / name).is_file():
             try:
-                _atomic_write(raw / name, lambda f, src=raw / f"{name}.gz": _gunzip_into(src, f))
+                atomic_write(raw / name, lambda f, src=raw / f"{name}.gz": _gunzip_into(src, f))
             except (OSError, EOFError) as e:
                 raise DataError(f"cannot unpack {raw / name}.gz ({e}); delete it and fetch it again") from None
     out: dict[str, Any] = {"denominator": 255.0}
@@ -207,26 +206,10 @@ def _gunzip_into(src: Path, f) -> None:
 # ----------------------------------------------------------------------------- cache
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, fsync, os.replace: readers (other ranks, other
-    runs) see the old file or the complete new one, never a half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_cache(path: Path, data: dict[str, Any], source: str) -> None:
     meta = {"source": source, "denominator": repr(float(data["denominator"])), "format": CACHE_FORMAT}
     blob = save({k: data[k].contiguous() for k in _KEYS}, metadata=meta)
-    _atomic_write(path, lambda f: f.write(blob))
+    atomic_write(path, lambda f: f.write(blob))
 
 
 def _read_cache(path: Path) -> tuple[dict[str, Any], str]:
