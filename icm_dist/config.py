@@ -57,8 +57,9 @@ class DataConfig:
     image_size: int = 32
     """Side of the square images every source is brought to (smaller ones zero-padded, larger ones resized
     and centre-cropped); MNIST's 28x28 digits are padded to 32 as in the paper."""
-    tint: bool = False
-    """Colour grey images with a hue drawn per example (a coloured MNIST): three channels."""
+    tint: Optional[float] = None
+    """Colour grey images (a coloured MNIST, three channels): each example takes the saturated colour of a hue
+    drawn per example uniformly from [0, tint) turns (1: every hue; 0.2: reds to yellows). None: as the data is."""
     classes: int = 10
     """``symbols``: how many distinct symbols (the classes), each drawn 7,000 times with a small jitter."""
     mechanisms: list = field(default_factory=lambda: list(PAPER_MECHANISMS))
@@ -437,6 +438,7 @@ def validate(cfg: Config) -> None:
          cfg.data.image_size, f"must be a multiple of {2 ** stages} (each 2x2 pooling of the discriminator, the "
          "experts and the evaluation classifier halves it)")
     need(cfg.data.classes >= 2, "data.classes", cfg.data.classes, "must be >= 2")
+    need(cfg.data.tint is None or 0 < cfg.data.tint <= 1, "data.tint", cfg.data.tint, "must be in (0, 1] or null")
     need(len(cfg.data.mechanisms) >= 1, "data.mechanisms", cfg.data.mechanisms, "needs at least one mechanism")
     try:
         resolve_mechanisms(cfg.data.mechanisms)

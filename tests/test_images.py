@@ -93,6 +93,8 @@ def test_tint_colours_each_example_by_its_id():
     assert torch.allclose(colour.amin(dim=(2, 3)), colour.amax(dim=(2, 3)), atol=1e-4)
     assert float(colour.amax(dim=(2, 3)).max(1).values.min()) == pytest.approx(1.0, abs=1e-5)  # saturated, full value
     assert torch.equal(tint(x[3:4], torch.tensor([3])), y[3:4])  # keyed by the id, not the position
+    reds = tint(torch.ones(200, 1, 1, 1), torch.arange(200), 0.1)[:, :, 0, 0]  # hues in [0, 0.1): red to orange
+    assert float(reds[:, 0].min()) == 1.0 and float(reds[:, 1].max()) < 0.61 and float(reds[:, 2].max()) == 0.0
     with pytest.raises(DataError, match="grey images"):
         tint(torch.rand(1, 3, 4, 4), torch.arange(1))
 

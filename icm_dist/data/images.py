@@ -21,7 +21,7 @@ centred (MNIST's 28 becomes 32 as in the paper); a larger one is resized, antial
 shorter side is S, then centre-cropped. Zero is black: sources with a light background (Omniglot's
 black-on-white letters, for one) are padded with black. Grey images are one channel; a data set with
 any colour image is read as RGB throughout. ``data.tint`` turns grey images into colour: each example
-is multiplied by a saturated colour of a hue drawn per example id (a coloured MNIST).
+is multiplied by a saturated colour of a hue drawn per example id from a range (a coloured MNIST).
 
 The seeded splits (folders without train/test, Omniglot) are fixed: they do not depend on the run's
 seed, so every run sees the same data set. Sources other than MNIST are cached after the first read as
@@ -93,12 +93,12 @@ def fit_size(x_NCHW: Tensor, size: int) -> Tensor:
     return F.pad(x_NCHW, (left, size - W - left, top, size - H - top))
 
 
-def tint(x_N1HW: Tensor, example_ids: Tensor) -> Tensor:
+def tint(x_N1HW: Tensor, example_ids: Tensor, hues: float = 1.0) -> Tensor:
     """Grey images in colour: each multiplied by the fully saturated, full-value colour of a hue drawn per
-    example id (the same for an example in every run)."""
+    example id uniformly from [0, hues) turns (the same for an example in every run)."""
     if x_N1HW.shape[1] != 1:
         raise DataError(f"data.tint colours grey images, but these have {x_N1HW.shape[1]} channels")
-    h = uniform_per_example(example_ids, 0, "tint", 1)[:, 0]
+    h = uniform_per_example(example_ids, 0, "tint", 1)[:, 0] * hues
     # HSV (h, 1, 1) to RGB: channel k is 1 - clamp(min(k', 4 - k'), 0, 1) with k' = (k + 6h) mod 6.
     k = torch.tensor([5.0, 3.0, 1.0])
     kk = (k[None] + 6 * h[:, None]) % 6
@@ -409,9 +409,9 @@ def load_images(data_cfg) -> ImageData:
         for part in ("train", "test"):
             data[f"{part}_x"] = data[f"{part}_x"].float().div_(255)
     train_x, test_x = data["train_x"], data["test_x"]
-    if data_cfg.tint:
+    if data_cfg.tint is not None:
         n = train_x.shape[0]
-        train_x = tint(train_x, torch.arange(n))
-        test_x = tint(test_x, torch.arange(n, n + test_x.shape[0]))
+        train_x = tint(train_x, torch.arange(n), data_cfg.tint)
+        test_x = tint(test_x, torch.arange(n, n + test_x.shape[0]), data_cfg.tint)
     return ImageData(train_x.contiguous(), data["train_labels"].long(), test_x.contiguous(),
                      data["test_labels"].long(), list(data["classes"]), dataset)
