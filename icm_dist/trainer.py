@@ -171,10 +171,14 @@ class Trainer:
 
     def _resolve_resume(self) -> Path | None:
         """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
+        # A restart of a multi-node group restarts every node's workers, but torchrun counts it only on the
+        # node whose worker failed (the others restart for the new rendezvous and keep their count): the
+        # group's restart count is the largest any rank sees.
+        self.restarts = max(self.dist.all_gather_object(ckpt_lib.restart_count()))
         choice, error = None, None
         if self.dist.is_main:
             try:  # resume=auto, a path, or a torchrun restart (which resumes as auto): see checkpoint.resolve_resume
-                choice = ckpt_lib.resolve_resume(self.cfg, log=self.log)
+                choice = ckpt_lib.resolve_resume(self.cfg, log=self.log, restarts=self.restarts)
             except CheckpointError as e:
                 error = str(e)
         choice, error = self.dist.broadcast_object((str(choice) if choice else None, error))

@@ -72,6 +72,10 @@ else
     if [[ -n "$node_rank" ]]; then
         if [[ "$node_rank" == 0 ]]; then cmd+=(--rdzv_conf=is_host=1); else cmd+=(--rdzv_conf=is_host=0); fi
     fi
+    # Workers get a store of their own each round instead of a prefix of the rendezvous store: torchrun keys
+    # that prefix by the local restart count, which only the node whose worker failed increments, so after a
+    # restart the healthy node's workers read the dead round's addresses (pytorch/pytorch#135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 fi
 cmd+=("$train" "$@")
 
