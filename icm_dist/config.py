@@ -401,8 +401,10 @@ def _ignored(key: str) -> bool:
 
 
 def experiment_config(cfg_dict: dict) -> dict:
-    """The flattened config without the keys that only tell repetitions of one experiment apart."""
-    return {k: v for k, v in flatten(cfg_dict).items() if not _ignored(k)}
+    """The flattened config without the keys that only tell repetitions of one experiment apart. Keys a config
+    lacks (one saved before they existed) take their defaults, so old and new runs of one experiment agree."""
+    full = {**flatten(to_dict(Config())), **flatten(cfg_dict)}
+    return {k: v for k, v in full.items() if not _ignored(k)}
 
 
 def experiment_hash(cfg_dict: dict) -> str:
@@ -438,10 +440,12 @@ def validate(cfg: Config) -> None:
          cfg.data.image_size, f"must be a multiple of {2 ** stages} (each 2x2 pooling of the discriminator, the "
          "experts and the evaluation classifier halves it)")
     need(cfg.data.classes >= 2, "data.classes", cfg.data.classes, "must be >= 2")
+    need(cfg.data.dataset != "symbols" or cfg.data.image_size >= 24, "data.image_size", cfg.data.image_size,
+         "must be at least 24 for data.dataset=symbols (a symbol is drawn inside a 6-pixel margin)")
     need(cfg.data.tint is None or 0 < cfg.data.tint <= 1, "data.tint", cfg.data.tint, "must be in (0, 1] or null")
     need(len(cfg.data.mechanisms) >= 1, "data.mechanisms", cfg.data.mechanisms, "needs at least one mechanism")
-    try:
-        resolve_mechanisms(cfg.data.mechanisms)
+    try:  # user functions are not imported here: a run's config must load where their module is not installed
+        resolve_mechanisms(cfg.data.mechanisms, import_functions=False)
     except ConfigError as e:
         raise ConfigError(f"config key 'data.mechanisms': {e}") from None
     for key in ("canonical_examples", "transformed_examples"):

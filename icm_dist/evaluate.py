@@ -33,10 +33,11 @@ from .routing import settle_winners
 
 
 def _classifier_path(cfg: Config, proto: Protocol) -> Path:
-    # Keyed by the exact canonical sample it learns from (seed, split, size) and the recipe.
+    # Keyed by everything it learns from (the whole canonical half, its labels, the classes) and the recipe.
     h = hashlib.sha256()
-    h.update(proto.classifier_x[:64].numpy().tobytes())
-    h.update(f"{proto.classifier_x.shape[0]}/{cfg.seed}/{cfg.eval.classifier_epochs}/v2".encode())
+    h.update(proto.classifier_x.numpy().tobytes())
+    h.update(proto.classifier_labels.numpy().tobytes())
+    h.update(f"{len(proto.classes)}/{cfg.seed}/{cfg.eval.classifier_epochs}/v3".encode())
     return Path(cfg.data.root) / "classifiers" / f"classifier_{h.hexdigest()[:16]}.safetensors"
 
 

@@ -120,7 +120,8 @@ RANGE_CHECKS = [
     (["data.mechanisms=[up,up]"], "data.mechanisms"),
     (["data.mechanisms=[{name: rotate}]"], "data.mechanisms"),
     (["data.mechanisms=[{name: blur, sigma: -1}]"], "data.mechanisms"),
-    (["data.mechanisms=[no_such_module_xyz:fn]"], "data.mechanisms"),
+    (['data.mechanisms=[":fn"]'], "data.mechanisms"),
+    (["data.dataset=symbols", "data.image_size=16"], "data.image_size"),
     (["data.dataset=cifar"], "data.dataset"),
     (["data.dataset=folder:"], "data.dataset"),
     (["data.image_size=30"], "data.image_size"),
@@ -220,3 +221,14 @@ def test_every_range_check_is_tested():
     untested = [(k, m) for k, m in checks if k != "train.compile"
                 and not any(e.startswith(f"config key '{k}'") and m in e for e in errors)]
     assert untested == []
+
+
+def test_a_user_mechanism_is_imported_when_the_data_is_built_not_when_a_config_loads():
+    """A run's config (in a checkpoint, config.yaml) loads where the user's module is not installed; the
+    import, and its one-line error, come when the protocol is built."""
+    from icm_dist.data.library import resolve_mechanisms
+
+    cfg = load_config(None, ["data.mechanisms=[up, no_such_module_xyz:smudge]"])
+    assert resolve_mechanisms(cfg.data.mechanisms, import_functions=False)[1].label == "no_such_module_xyz:smudge"
+    with pytest.raises(ConfigError, match="mechanism 'no_such_module_xyz:smudge': cannot import it"):
+        resolve_mechanisms(cfg.data.mechanisms)

