@@ -60,7 +60,7 @@ class DataConfig:
     tint: Optional[float] = None
     """Colour grey images (a coloured MNIST, three channels): each example takes the saturated colour of a hue
     drawn per example uniformly from [0, tint) turns (1: every hue; 0.2: reds to yellows). None: as the data is."""
-    classes: int = 10
+    symbol_classes: int = 10
     """``symbols``: how many distinct symbols (the classes), each drawn 7,000 times with a small jitter."""
     mechanisms: list = field(default_factory=lambda: list(PAPER_MECHANISMS))
     """The mechanisms applied to the transformed half, in order: registered names (the paper's ten),
@@ -439,7 +439,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.image_size >= 8 and cfg.data.image_size % 2 ** stages == 0, "data.image_size",
          cfg.data.image_size, f"must be a multiple of {2 ** stages} (each 2x2 pooling of the discriminator, the "
          "experts and the evaluation classifier halves it)")
-    need(cfg.data.classes >= 2, "data.classes", cfg.data.classes, "must be >= 2")
+    need(cfg.data.symbol_classes >= 2, "data.symbol_classes", cfg.data.symbol_classes, "must be >= 2")
     need(cfg.data.dataset != "symbols" or cfg.data.image_size >= 24, "data.image_size", cfg.data.image_size,
          "must be at least 24 for data.dataset=symbols (a symbol is drawn inside a 6-pixel margin)")
     need(cfg.data.tint is None or 0 < cfg.data.tint <= 1, "data.tint", cfg.data.tint, "must be in (0, 1] or null")

@@ -176,19 +176,20 @@ def test_torchvision_files_train_end_to_end(tmp_path):
 
 def test_symbols_train_end_to_end_under_the_cli(tmp_path):
     rc = main(["train", "--config", TINY, *_overrides(tmp_path / "run", tmp_path / "cache", "data.dataset=symbols",
-                                                      "data.classes=3", "data.transformed_examples=2000")])
+                                                      "data.symbol_classes=3", "data.transformed_examples=2000")])
     assert rc == 0
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["data"] == {"dataset": "symbols", "channels": 1, "image_size": 32, "classes": 3}
 
 
 def test_a_bad_mechanism_stops_before_training_with_one_line(tmp_path, user_module, capsys):
-    rc = main(["train", "--config", TINY, *_overrides(tmp_path / "run", tmp_path / "cache", "data.dataset=symbols",
-                                                      "data.classes=2", "data.mechanisms=[up, usermech:bright]")])
+    symbols = ("data.dataset=symbols", "data.symbol_classes=2")
+    rc = main(["train", "--config", TINY, *_overrides(tmp_path / "run", tmp_path / "cache", *symbols,
+                                                      "data.mechanisms=[up, usermech:bright]")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("error: mechanism 'usermech:bright' on a probe batch") and "outside [0, 1]" in err[0]
     assert not (tmp_path / "run").exists()  # nothing written: the run never started
-    rc = main(["train", "--config", TINY, *_overrides(tmp_path / "run", tmp_path / "cache", "data.dataset=symbols",
-                                                      "data.classes=2", "data.mechanisms=[{name: hue, shift: 0.2}]")])
+    rc = main(["train", "--config", TINY, *_overrides(tmp_path / "run", tmp_path / "cache", *symbols,
+                                                      "data.mechanisms=[{name: hue, shift: 0.2}]")])
     assert rc == 2 and "hue needs RGB images (3 channels), got 1" in capsys.readouterr().err

@@ -138,14 +138,14 @@ def test_missing_torchvision_files_say_which_and_how(tmp_path):
 
 
 def test_symbols_render_jittered_classes(tmp_path):
-    d = load_images(DataConfig(dataset="symbols", classes=3, root=str(tmp_path)))
+    d = load_images(DataConfig(dataset="symbols", symbol_classes=3, root=str(tmp_path)))
     assert d.train_x.shape == (18000, 1, 32, 32) and d.test_x.shape == (3000, 1, 32, 32)
     assert torch.bincount(d.train_labels).tolist() == [6000] * 3 and len(d.classes) == 3
     assert 0 <= float(d.train_x.min()) and float(d.train_x.max()) <= 1
     a, b = d.train_x[d.train_labels == 0], d.train_x[d.train_labels == 1]
     assert not torch.equal(a[0], a[1])  # jittered copies of one symbol differ
     assert float((a.mean(0) - b.mean(0)).abs().mean()) > 0.02  # two symbols differ
-    again = load_images(DataConfig(dataset="symbols", classes=3, root=str(tmp_path / "other")))
+    again = load_images(DataConfig(dataset="symbols", symbol_classes=3, root=str(tmp_path / "other")))
     assert torch.equal(again.test_x, d.test_x)  # deterministic
 
 

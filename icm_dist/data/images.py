@@ -12,7 +12,7 @@ the class names, split into a training and a test part.
   names a variant, such as EMNIST's ``balanced``), else one seeded split (Omniglot's background set).
 * ``folder:<PATH>``: torchvision's ImageFolder layout, one sub-folder per class of PNG or JPEG files;
   ``PATH/train`` and ``PATH/test`` when both exist, else one seeded split.
-* ``symbols``: ``data.classes`` out-of-domain symbols rendered from matplotlib's DejaVu fonts
+* ``symbols``: ``data.symbol_classes`` out-of-domain symbols rendered from matplotlib's DejaVu fonts
   (:mod:`icm_dist.data.symbols`), each drawn many times with a small random affine jitter: a labelled
   data set that needs no download.
 
@@ -406,9 +406,9 @@ def load_images(data_cfg) -> ImageData:
             data = _cached(_cache_path(root, f"folder_{path.resolve().name}_{key['files']}", size), key,
                            lambda: _load_folder(path, size))
         elif kind == "symbols":
-            key = {"dataset": "symbols", "size": size, "classes": data_cfg.classes}
-            data = _cached(_cache_path(root, f"symbols_{data_cfg.classes}", size), key,
-                           lambda: _load_symbols(data_cfg.classes, size))
+            key = {"dataset": "symbols", "size": size, "classes": data_cfg.symbol_classes}
+            data = _cached(_cache_path(root, f"symbols_{data_cfg.symbol_classes}", size), key,
+                           lambda: _load_symbols(data_cfg.symbol_classes, size))
         else:
             raise DataError(f"data.dataset {dataset!r}: expected mnist, symbols, torchvision:<Class> or folder:<PATH>")
         _check(data, dataset)
