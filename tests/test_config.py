@@ -232,3 +232,15 @@ def test_a_user_mechanism_is_imported_when_the_data_is_built_not_when_a_config_l
     assert resolve_mechanisms(cfg.data.mechanisms, import_functions=False)[1].label == "no_such_module_xyz:smudge"
     with pytest.raises(ConfigError, match="mechanism 'no_such_module_xyz:smudge': cannot import it"):
         resolve_mechanisms(cfg.data.mechanisms)
+
+
+def test_a_config_saved_before_new_keys_is_the_same_experiment():
+    """icm-dist compare and wandb group runs by experiment_hash: a config.yaml written before data.dataset,
+    data.image_size, ... existed must hash like today's config of the same experiment."""
+    from icm_dist.config import experiment_hash, to_dict
+
+    now = to_dict(load_config(None, ["seed=3"]))
+    old = {**now, "data": {k: v for k, v in now["data"].items()
+                           if k not in ("dataset", "download", "split", "image_size", "tint", "symbol_classes")}}
+    assert experiment_hash(old) == experiment_hash(now)
+    assert experiment_hash(old) != experiment_hash(to_dict(load_config(None, ["data.image_size=64"])))
