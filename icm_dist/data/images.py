@@ -201,7 +201,7 @@ def _read_items(ds, where: str) -> tuple[list[Image.Image], Tensor]:
         if not isinstance(img, Image.Image):
             raise DataError(f"{where}: item {i} is a {type(img).__name__}, not a PIL image (an image data set "
                             "without a transform)")
-        if not isinstance(label, int) and not (torch.is_tensor(label) and label.numel() == 1):
+        if not isinstance(label, (int, np.integer)) and not (torch.is_tensor(label) and label.numel() == 1):
             raise DataError(f"{where}: item {i}'s target is {type(label).__name__}, not one class index (icm-dist "
                             "takes image classification data sets)")
         images.append(img)
