@@ -151,7 +151,7 @@ class LocalExperts:
     def expand_input(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         """One batch for every local expert: ``[B, C, H, W]`` to the bank's ``[B, E*C, H, W]``."""
         B, C, H, W = x_BCHW.shape
-        x = x_BCHW.expand(B, self.num, H, W) if C == 1 else x_BCHW.repeat(1, self.num, 1, 1)
+        x = x_BCHW.unsqueeze(1).expand(B, self.num, C, H, W).flatten(1, 2)  # still a view when C is 1
         if self.cfg.train.channels_last:
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()

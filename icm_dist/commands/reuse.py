@@ -22,13 +22,12 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .. import checkpoint as ck
 from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
-from ..data.images import fit_size
+from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
 from ..data.protocol import build_protocol
 from ..dist import Dist, ShardPlan
@@ -216,10 +215,9 @@ def read_inputs(path: str | Path, key: str | None = None, channels: int = 1,
         for f in files:
             try:
                 with Image.open(f) as im:
-                    a = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+                    imgs.append(pil_to_tensor(im, rgb=channels == 3))
             except OSError as e:
                 raise CheckpointError(f"cannot read image '{f}' ({e})") from None
-            imgs.append(torch.from_numpy(a)[None] if channels == 1 else torch.from_numpy(a).permute(2, 0, 1))
         shapes = {tuple(t.shape) for t in imgs}
         if len(shapes) > 1:
             raise CheckpointError(f"images in '{p}' have different sizes {sorted(shapes)}; use one size")
@@ -266,7 +264,7 @@ def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, ext
     out = Path(out)
     if names is not None:
         out.mkdir(parents=True, exist_ok=True)
-        u8 = (y.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
+        u8 = to_uint8(y).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
         for name, img in zip(names, u8):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / name)
         report = {"inputs": names, **info, **{k: v.tolist() for k, v in extra.items()}}

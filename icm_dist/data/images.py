@@ -108,11 +108,12 @@ def tint(x_N1HW: Tensor, example_ids: Tensor, hues: float = 1.0) -> Tensor:
     return x_N1HW * rgb[:, :, None, None]
 
 
-def _to_uint8(x: Tensor) -> Tensor:
+def to_uint8(x: Tensor) -> Tensor:
+    """Float images in [0, 1] (clamped) as uint8 0..255, rounded."""
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def _pil_to_tensor(img: Image.Image, rgb: bool) -> Tensor:
+def pil_to_tensor(img: Image.Image, rgb: bool) -> Tensor:
     """A PIL image as uint8 ``[C, H, W]``: RGB (3) or grey (1)."""
     a = np.asarray(img.convert("RGB" if rgb else "L"), dtype=np.uint8)
     t = torch.from_numpy(a.copy())
@@ -127,11 +128,28 @@ def _stack_fitted(images: list[Image.Image], size: int, rgb: bool, where: str) -
     """PIL images as uint8 ``[N, C, size, size]``: each read, fitted to the size rule, stacked."""
     out = torch.empty(len(images), 3 if rgb else 1, size, size, dtype=torch.uint8)
     for i, img in enumerate(images):
-        t = _pil_to_tensor(img, rgb).float().div_(255)[None]
+        t = pil_to_tensor(img, rgb).float().div_(255)[None]
         if min(t.shape[-2:]) < 1:
             raise DataError(f"{where}: image {i} is empty")
-        out[i] = _to_uint8(fit_size(t, size))[0]
+        out[i] = to_uint8(fit_size(t, size))[0]
     return out
+
+
+def _train_and_test(read: dict, size: int, rgb: bool, where: str) -> dict:
+    """The read parts (``{"train": (images, labels), "test": ...}`` or ``{"all": ...}``, split here by a fixed
+    seed) as the train and test tensors of the size rule."""
+    if "all" not in read:
+        out = {}
+        for part in ("train", "test"):
+            images, labels = read[part]
+            out[f"{part}_x"], out[f"{part}_labels"] = _stack_fitted(images, size, rgb, where), labels
+        return out
+    images, labels = read["all"]
+    if len(images) < 2:
+        raise DataError(f"{where} holds {len(images)} image; a train and a test part need at least 2")
+    tr, te = _seeded_split(len(images), where)
+    x = _stack_fitted(images, size, rgb, where)
+    return {"train_x": x[tr], "train_labels": labels[tr], "test_x": x[te], "test_labels": labels[te]}
 
 
 def _seeded_split(n: int, salt: str) -> tuple[Tensor, Tensor]:
@@ -222,25 +240,15 @@ def _load_torchvision(name: str, root: Path, size: int, download: bool, split: s
     where = f"torchvision:{name}"
     read = {k: _read_items(ds, where) for k, ds in parts.items()}
     rgb = any(_is_colour(img) for imgs, _ in read.values() for img in imgs[:1000])
-    if "all" in read:
-        images, labels = read["all"]
-        tr, te = _seeded_split(len(images), where)
-        x = _stack_fitted(images, size, rgb, where)
-        out = {"train_x": x[tr], "train_labels": labels[tr], "test_x": x[te], "test_labels": labels[te]}
-        classes = _classes_of(parts["all"], labels)
-    else:
-        out = {}
-        for k in ("train", "test"):
-            images, labels = read[k]
-            out[f"{k}_x"], out[f"{k}_labels"] = _stack_fitted(images, size, rgb, where), labels
-        classes = _classes_of(parts["train"], out["train_labels"])
-    return {**out, "classes": classes}
+    first = "all" if "all" in read else "train"
+    return {**_train_and_test(read, size, rgb, where), "classes": _classes_of(parts[first], read[first][1])}
 
 
 # ----------------------------------------------------------------------------- image folder
 
 
-def _folder_files(path: Path) -> tuple[dict[str, list[Path]], list[str]]:
+def _folder_files(path: Path) -> dict[str, list[Path]]:
+    """Class name -> its image files, sorted."""
     if not path.is_dir():
         raise DataError(f"data.dataset 'folder:{path}': no such folder")
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -253,13 +261,13 @@ def _folder_files(path: Path) -> tuple[dict[str, list[Path]], list[str]]:
         if not fs:
             raise DataError(f"class folder '{path / c}' holds no {'/'.join(FOLDER_EXTENSIONS)} images")
         files[c] = fs
-    return files, classes
+    return files
 
 
 def _folder_layout(path: Path) -> dict[str, dict[str, list[Path]]]:
     if (path / "train").is_dir() and (path / "test").is_dir():
-        return {"train": _folder_files(path / "train")[0], "test": _folder_files(path / "test")[0]}
-    return {"all": _folder_files(path)[0]}
+        return {"train": _folder_files(path / "train"), "test": _folder_files(path / "test")}
+    return {"all": _folder_files(path)}
 
 
 def _folder_fingerprint(path: Path) -> str:
@@ -293,20 +301,7 @@ def _load_folder(path: Path, size: int) -> dict:
         labels = torch.tensor([classes.index(c) for c in sorted(files) for _ in files[c]], dtype=torch.int64)
         read[part] = (images, labels)
     rgb = any(_is_colour(img) for imgs, _ in read.values() for img in imgs)
-    where = f"folder:{path}"
-    if "all" in read:
-        images, labels = read["all"]
-        if len(images) < 2:
-            raise DataError(f"folder '{path}' holds {len(images)} image; a train and a test part need at least 2")
-        tr, te = _seeded_split(len(images), where)
-        x = _stack_fitted(images, size, rgb, where)
-        return {"train_x": x[tr], "train_labels": labels[tr], "test_x": x[te], "test_labels": labels[te],
-                "classes": classes}
-    out = {"classes": classes}
-    for part in ("train", "test"):
-        images, labels = read[part]
-        out[f"{part}_x"], out[f"{part}_labels"] = _stack_fitted(images, size, rgb, where), labels
-    return out
+    return {**_train_and_test(read, size, rgb, f"folder:{path}"), "classes": classes}
 
 
 # ----------------------------------------------------------------------------- symbols
@@ -331,7 +326,7 @@ def _load_symbols(classes: int, size: int) -> dict:
     x = torch.empty(len(ids), 1, size, size, dtype=torch.uint8)
     for i in range(0, len(ids), 4096):
         grid = F.affine_grid(theta[i:i + 4096], [min(4096, len(ids) - i), 1, size, size], align_corners=False)
-        x[i:i + 4096] = _to_uint8(F.grid_sample(src[i:i + 4096], grid, mode="bilinear", padding_mode="zeros",
+        x[i:i + 4096] = to_uint8(F.grid_sample(src[i:i + 4096], grid, mode="bilinear", padding_mode="zeros",
                                                 align_corners=False))
     is_test = (ids % per) >= SYMBOL_TRAIN
     names = [" ".join(lab.split()[1:3]) for lab in sym.labels]
