@@ -161,9 +161,9 @@ class TrainConfig:
     least ``split_donor_share / expert.num``; for ``split_steps`` iterations the two then divide the
     donor's wins, the copy taking the half the donor scores lowest. Aimed at the paper's failure: one
     expert on two mechanisms while another, winning nothing, gets no gradient and rarely comes back
-    (measured over seeds in docs/results.md). Applies only with at most as many experts as mechanisms:
-    with more, idle experts are expected (and a split would halve a mechanism), so the trainer says so
-    and does not split."""
+    (measured over seeds in docs/results.md). With more experts than mechanisms, ``expert.num - M`` idle
+    experts are expected: only the idle experts beyond those are split (a split of a one-mechanism expert
+    would only halve it)."""
     split_iterations: int = 600
     """Splits happen only at checks up to this iteration, leaving the rest of training to settle."""
     split_steps: int = 20

@@ -49,13 +49,18 @@ def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tenso
     return torch.tensor(winners, device=scores_BN.device)
 
 
-def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float) -> list[tuple[int, int]]:
+def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float,
+                spare: int = 0) -> list[tuple[int, int]]:
     """Which experts to split into which, from the examples each won since the last check.
 
     Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
     with the busiest (won at least ``donor_share`` fair shares), the next idlest with the next busiest,
     each expert in at most one pair. Ties go to the lower expert id. Every rank computes the same pairs
     from the same (all-gathered) winners.
+
+    ``spare``: how many idle experts are expected (a committee with more experts than mechanisms has
+    ``N' - M``); only the idle experts beyond those are evidence that some expert holds two mechanisms,
+    so at most ``len(idle) - spare`` pairs are made.
     """
     wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
     N, total = len(wins), sum(wins)
@@ -64,7 +69,7 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     fair = total / N
     idle = sorted((e for e in range(N) if wins[e] < idle_share * fair), key=lambda e: (wins[e], e))
     donors = sorted((e for e in range(N) if wins[e] >= donor_share * fair), key=lambda e: (-wins[e], e))
-    return list(zip(donors, idle))
+    return list(zip(donors, idle))[:max(0, len(idle) - spare)]
 
 
 def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:

@@ -140,12 +140,13 @@ class Trainer:
         self.tracker = make_tracker(cfg, metrics_log, resume=self.resumed_from is not None)
         self.classifier = train_classifier(cfg, self.proto, dist.device, log=self.log) if dist.is_main else None
         self.fixed_verdicts: dict = {}  # the classifier on the transformed and original probe digits, computed once
-        # The premise of a split (an idle expert means another holds two mechanisms) needs N <= M: with
-        # more experts than mechanisms idle experts are expected, and a split would only halve a mechanism.
-        self.splitting = cfg.train.split_every > 0 and cfg.expert.num <= len(self.names)
-        if cfg.train.split_every and not self.splitting:
-            self.log(f"splits off: {cfg.expert.num} experts for {len(self.names)} mechanisms (with more experts "
-                     "than mechanisms, idle experts are expected)")
+        # The premise of a split is that an idle expert means another holds two mechanisms. With more experts
+        # than mechanisms, N - M idle experts are expected: only the idle ones beyond those count.
+        self.splitting = cfg.train.split_every > 0
+        self.spare = max(0, cfg.expert.num - len(self.names))
+        if self.splitting and self.spare:
+            self.log(f"splits: {cfg.expert.num} experts for {len(self.names)} mechanisms, so {self.spare} idle "
+                     "experts are expected and only the idle ones beyond them are split")
 
     def _setup_data(self) -> None:
         # Rank 0 may have to build the safetensors cache; the others wait and then read it.
@@ -275,7 +276,7 @@ class Trainer:
         if it % cfg.train.split_every or it > cfg.train.split_iterations:
             return
         wins, total = split.wins, max(sum(split.wins), 1)
-        for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share):
+        for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share, self.spare):
             copy_expert(self.experts, self.plan, self.dist, donor, idle)
             split.active.append(Division(donor, idle, it + cfg.train.split_steps))
             split.log.append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,

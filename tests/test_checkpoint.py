@@ -140,13 +140,6 @@ def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path
     assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "short/checkpoints/iter_0000008") == []
 
 
-def test_no_splits_with_more_experts_than_mechanisms(tmp_path, data_root, capsys):
-    """4 experts for tiny's 3 mechanisms: an idle expert is expected, so the same settings split nothing."""
-    summary = _train(tmp_path / "a", data_root, *SPLIT_OFTEN, "expert.num=4")
-    assert summary["splits"] == []
-    assert "splits off: 4 experts for 3 mechanisms" in capsys.readouterr().out
-
-
 def test_checkpoint_layout_and_manifest(run_a):
     root = run_a / "checkpoints"
     assert (root / "latest").read_text().strip() == "iter_0000008"

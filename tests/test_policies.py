@@ -140,6 +140,21 @@ def test_splits_happen_at_checks_up_to_their_cut_off_and_divide_for_split_steps(
             assert divided == [s["iteration"] + 1, s["iteration"] + 2], (world, s, divided)
 
 
+def test_with_more_experts_than_mechanisms_only_idle_experts_beyond_the_spare_ones_are_split(tmp_path, data_root,
+                                                                                             mnist):
+    """4 experts for tiny's 3 mechanisms on two ranks: one idle expert is expected, so every check makes the
+    pairs of ``plan_splits(..., spare=1)`` over the wins since the previous check, and at least one check
+    made fewer pairs than it would have without the spare expert."""
+    steps, summary = _train(tmp_path, 2, [*POLICIES, "expert.num=4"], data_root)
+    fewer = False
+    for c in (3, 6, 9):
+        wins = torch.bincount(torch.tensor([w for st in steps[c - 3:c] for w in st["winners"]]), minlength=4)
+        made = [(s["donor"], s["copy"]) for s in summary["splits"] if s["iteration"] == c]
+        assert made == plan_splits(wins, 0.9, 1.05, spare=1), (c, wins, made)
+        fewer |= len(plan_splits(wins, 0.9, 1.05)) > len(made)
+    assert summary["splits"] and fewer, ("the setup never split, or the spare expert never mattered", summary["splits"])
+
+
 def test_early_stop_at_the_second_evaluation_on_one_and_two_ranks(tmp_path, data_root, mnist):
     runs = {w: _train(tmp_path, w, STILL, data_root) for w in (1, 2)}
     for world, (steps, summary) in runs.items():

@@ -71,6 +71,11 @@ def test_plan_splits_pairs_the_idlest_with_the_busiest():
     assert plan_splits([10] * 10, 0.25, 1.5) == []  # a fair division: nothing to split
     assert plan_splits([0] * 4, 0.25, 1.5) == []  # no wins counted yet
     assert plan_splits(torch.tensor([5, 0, 5]), 0.25, 1.2) == [(0, 1)]  # equal donors: the lower id
+    # With spare experts expected idle (more experts than mechanisms), only the idle ones beyond them pair up.
+    assert plan_splits(wins, 0.25, 1.5, spare=1) == [(0, 1), (3, 9)]  # three idle, one spare: still two pairs
+    assert plan_splits(wins, 0.25, 1.5, spare=2) == [(0, 1)]
+    assert plan_splits(wins, 0.25, 1.5, spare=3) == []
+    assert plan_splits(wins, 0.25, 1.5, spare=5) == []
 
 
 def _divide_reference(winners: list[int], scores: list[list[float]], donor: int, copy: int) -> list[int]:
