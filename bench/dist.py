@@ -11,6 +11,11 @@ so a change in the machine's background load hits all three alike:
     W=1, 1 thread       the baseline
     W=2, 1 thread each  the experts split 5+5 (gloo on this machine)
     W=1, 2 threads      for reference: the same two cores given to one process instead
+    W=1, 1 thread, N'/2 weak scaling: half the committee on one process (what each of the two ranks holds)
+
+The strong-scaling ratio is the W=1 step time over the W=2 step time (ideal 2.00x, the last line:
+``scaling N.NNx``); the weak-scaling one is the step time of N'/2 experts on one process over that of N'
+on two (ideal 1.00x: what the second rank's share of D's work, the all-reduce and the gather cost).
 
 It prints the median step time after warm-up (for W=2 the slower rank of each step), the ratio,
 and the bytes each collective moves per step, twice: counted analytically from the shapes, and
@@ -71,6 +76,7 @@ class Counter:
         self.phase = "setup"
         self.in_hook = False
         self.rows = defaultdict(lambda: {"calls": 0, "sent": 0, "received": 0})
+        self.gather_s = 0.0  # wall time inside the timed steps' all_gathers
 
     def add(self, op: str, sent: int, received: int) -> None:
         if self.in_hook:  # the DDP hook's own all_reduce: counted once, as ddp_all_reduce
@@ -95,7 +101,11 @@ class Counter:
                     self.add("broadcast", _nbytes(args[0]), _nbytes(args[0]))
                 else:
                     self.add(_op, 0, 0)
-                return _orig(*args, **kwargs)
+                t0 = time.perf_counter()
+                out = _orig(*args, **kwargs)
+                if _op == "all_gather" and self.phase == "step":
+                    self.gather_s += time.perf_counter() - t0
+                return out
 
             # c10d's own module globals (all_gather_object calls all_gather through them) and the
             # torch.distributed names that icm_dist.dist calls.
@@ -117,8 +127,8 @@ class Counter:
 # ----------------------------------------------------------------------------- the worker
 
 
-def _overrides(args) -> list[str]:
-    return [f"data.root={args.data_root}", f"expert.num={args.experts}", f"train.batch_size={args.batch}",
+def _overrides(args, experts: int) -> list[str]:
+    return [f"data.root={args.data_root}", f"expert.num={experts}", f"train.batch_size={args.batch}",
             "tracking.wandb.mode=disabled"]
 
 
@@ -147,8 +157,8 @@ class Turns:
                 self.cond.notify_all()
 
 
-def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, inputs_path: str, out_path: str,
-            turns: Turns):
+def _worker(k: int, rank: int, world: int, threads: int, experts_num: int, init_file: str, args, inputs_path: str,
+            out_path: str, turns: Turns):
     import faulthandler
 
     faulthandler.enable()  # a crash in a worker prints its Python stack
@@ -165,7 +175,7 @@ def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, i
     from icm_dist.precision import resolve_precision
     from icm_dist.step import competition_step
 
-    cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args))
+    cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args, experts_num))
     dist = Dist(rank, world, 0, torch.device("cpu"), launcher="bench")
     counter.phase = "startup"
     check_same_config(dist, cfg)
@@ -206,28 +216,29 @@ def _worker(k: int, rank: int, world: int, threads: int, init_file: str, args, i
     run_committee(experts, disc_module, inputs["test"], plan, dist, cfg)
     turns.finish(k, world)
 
-    result = {"rank": rank, "times": times, "rows": dict(counter.rows), "won_local": won_local.tolist(),
-              "winners": winners, "precision": resolve_precision(cfg.train.precision, dist.device),
+    result = {"rank": rank, "times": times, "rows": dict(counter.rows), "gather_s": counter.gather_s,
+              "won_local": won_local.tolist(), "winners": winners,
+              "precision": resolve_precision(cfg.train.precision, dist.device),
               "threads": torch.get_num_threads(), "experts": list(experts.ids)}
     Path(out_path).write_text(json.dumps(result))
     if world > 1:
         tdist.destroy_process_group()
 
 
-def run_setups(setups: list[tuple[int, int]], args, inputs_path: str) -> list[list[dict]]:
+def run_setups(setups: list[tuple[int, int, int]], args, inputs_path: str) -> list[list[dict]]:
     """All set-ups at once, in processes spawned by torch.multiprocessing, taking turns step by step."""
     ctx = mp.get_context("spawn")
-    turns = Turns(ctx, len(setups), sum(w for w, _ in setups))
+    turns = Turns(ctx, len(setups), sum(w for w, _, _ in setups))
     tmp = tempfile.mkdtemp(prefix="icm_bench_")
     procs, outs = [], []
     saved_omp = os.environ.get("OMP_NUM_THREADS")
-    for k, (world, threads) in enumerate(setups):
+    for k, (world, threads, n) in enumerate(setups):
         init = os.path.join(tmp, f"pg_init_{k}")
         outs.append([os.path.join(tmp, f"setup{k}_rank{r}.json") for r in range(world)])
         os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the child at start
         for r in range(world):
-            p = ctx.Process(target=_worker, args=(k, r, world, threads, init, args, inputs_path, outs[k][r], turns),
-                            daemon=False)
+            p = ctx.Process(target=_worker, args=(k, r, world, threads, n, init, args, inputs_path, outs[k][r],
+                                                  turns), daemon=False)
             p.start()
             procs.append(p)
     if saved_omp is None:
@@ -290,7 +301,7 @@ def main(argv=None) -> int:
     from icm_dist.rng import sample_indices
 
     torch.set_num_threads(1)
-    cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args))
+    cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args, args.experts))
     proto = build_protocol(cfg)
     T, B = args.warmup + args.steps, args.batch
     fake = torch.stack([proto.transformed_x[sample_indices(proto.transformed_x.shape[0], B, cfg.seed, "fake-batch", t)]
@@ -306,28 +317,36 @@ def main(argv=None) -> int:
     print(f"bench/dist.py: configs/paper.yaml with N'={args.experts} experts, B={B}, |D|={nD:,} parameters; "
           f"{args.warmup} warm-up + {args.steps} timed steps per set-up; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    setups = [(1, 1), (2, 1), (1, 2)]
+    N, half = args.experts, args.experts // 2
+    setups = [(1, 1, N), (2, 1, N), (1, 2, N), (1, 1, half)]
     t0 = time.time()
     results = dict(zip(setups, run_setups(setups, args, inputs_path)))
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"  ran the three set-ups, taking turns step by step, in {time.time() - t0:.0f}s", flush=True)
+    print(f"  ran the {len(setups)} set-ups, taking turns step by step, in {time.time() - t0:.0f}s", flush=True)
 
     def step_times(res):
         # Per step, the slowest rank (the step ends for the group when its last rank is done).
         per_step = list(zip(*[r["times"][args.warmup:] for r in res]))
         return [max(s) for s in per_step]
 
-    base = statistics.median(step_times(results[(1, 1)]))
+    one, two, weak = (1, 1, N), (2, 1, N), (1, 1, half)
+    base = statistics.median(step_times(results[one]))
     meds = {k: statistics.median(step_times(v)) for k, v in results.items()}
-    print(f"\nprecision {results[(1, 1)][0]['precision']}; median step time (ms), after warm-up:")
-    print(f"  {'set-up':<22}{'median':>9}{'min':>9}{'max':>9}{'vs W=1x1':>10}")
-    for (world, threads), res in results.items():
+    print(f"\nprecision {results[one][0]['precision']}; median step time (ms), after warm-up:")
+    print(f"  {'set-up':<30}{'median':>9}{'min':>9}{'max':>9}{'vs W=1x1':>10}")
+    for (world, threads, n), res in results.items():
         ts = step_times(res)
         med = statistics.median(ts)
-        print(f"  W={world}, {threads} thread(s){'' if world == 1 else ' each':<6}"
-              f"{1000 * med:>9.0f}{1000 * min(ts):>9.0f}{1000 * max(ts):>9.0f}{base / med:>9.2f}x")
-    two = results[(2, 1)]
-    if two[0]["winners"] != results[(1, 1)][0]["winners"]:
+        label = f"W={world}, {threads} thread(s){'' if world == 1 else ' each'}, N'={n}"
+        print(f"  {label:<30}{1000 * med:>9.0f}{1000 * min(ts):>9.0f}{1000 * max(ts):>9.0f}{base / med:>9.2f}x")
+    # Where W=2 loses against the ideal: the slower rank sets the step, and the all-gather of the scores
+    # is where the faster one waits for it.
+    per_rank = [statistics.median(r["times"][args.warmup:]) for r in results[two]]
+    gather = [r["gather_s"] / args.steps for r in results[two]]
+    print(f"  W=2 per rank: median step {', '.join(f'{1000 * t:.0f}' for t in per_rank)} ms; in the scores' "
+          f"all_gather {', '.join(f'{1000 * g:.0f}' for g in gather)} ms per step (waiting for the other rank)")
+    two = results[two]
+    if two[0]["winners"] != results[one][0]["winners"]:
         print("  note: W=2 and W=1 picked different winners at some step (float reduction order)")
     won = [sum(r["won_local"]) for r in two]
     print(f"  W=2 experts per rank {[len(r['experts']) for r in two]}; examples won per rank over the timed steps "
@@ -357,8 +376,10 @@ def main(argv=None) -> int:
     per_step = sum(rows[k]["sent"] for k in rows if k.startswith("step/")) / args.steps
     print(f"  total sent per training step: {per_step:,.0f} bytes "
           f"(D's gradients {nD * 4:,} = |D| x 4, independent of N'; scores {B * math.ceil(args.experts / 2) * 4:,})")
-    print(f"\nratio W=1 / W=2 step time: {meds[(1, 1)] / meds[(2, 1)]:.2f}x (1 thread each); "
-          f"W=1 with 2 threads: {meds[(1, 1)] / meds[(1, 2)]:.2f}x; load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"\nW=1 with 2 threads: {meds[one] / meds[(1, 2, N)]:.2f}x of W=1 with 1; weak scaling (N'={half} on one "
+          f"process over N'={N} on two, ideal 1.00x): {meds[weak] / meds[(2, 1, N)]:.2f}x; load average "
+          f"{os.getloadavg()[0]:.2f} at the end")
+    print(f"scaling {meds[one] / meds[(2, 1, N)]:.2f}x")
     return 0
 
 
