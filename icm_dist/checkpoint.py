@@ -6,6 +6,7 @@ Layout of ``checkpoints/iter_NNNNNNN/`` (docs/checkpoint-format.md has the full 
   BatchNorm buffers), ``optim.<param>.exp_avg`` / ``optim.<param>.exp_avg_sq`` / ``optim.step``
   (its Adam);
 - ``discriminator.safetensors``: ``model.*`` and ``optim.<i>.{exp_avg,exp_avg_sq,step}``;
+- ``router.safetensors`` (runs with ``train.route_k``): the router, in D's layout;
 - ``manifest.json``: format version, iteration, world size at save, the config, the sha256 and size
   of every file, trainer state and the metrics so far.
 
@@ -42,6 +43,8 @@ FORMAT_VERSION = 1
 EXPERT_FORMAT = "icm-dist-expert/1"
 DISCRIMINATOR_FORMAT = "icm-dist-discriminator/1"
 DISCRIMINATOR_FILE = "discriminator.safetensors"
+ROUTER_FORMAT = "icm-dist-router/1"
+ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 # Config keys whose values fix the saved tensors' shapes or meaning: a checkpoint fits a run only if they
@@ -98,18 +101,18 @@ def expert_metadata(cfg: Config, gid: int, extra: dict | None = None) -> dict:
     return meta
 
 
-def discriminator_tensors(disc_module: torch.nn.Module, disc_opt: torch.optim.Optimizer) -> dict:
-    tensors = {f"model.{k}": v for k, v in disc_module.state_dict().items()}
-    for i, st in disc_opt.state_dict()["state"].items():
+def module_tensors(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """A replicated module (D, the router) and its torch Adam: ``model.*`` and ``optim.<i>.*``."""
+    tensors = {f"model.{k}": v for k, v in module.state_dict().items()}
+    for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
             tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
     return tensors
 
 
-def discriminator_metadata(disc_module: torch.nn.Module) -> dict:
+def module_metadata(module: torch.nn.Module, fmt: str = DISCRIMINATOR_FORMAT) -> dict:
     # optim.<i> is the i-th parameter of the module, in this order.
-    return {"format": DISCRIMINATOR_FORMAT,
-            "optim_params": json.dumps([n for n, _ in disc_module.named_parameters()])}
+    return {"format": fmt, "optim_params": json.dumps([n for n, _ in module.named_parameters()])}
 
 
 # ----------------------------------------------------------------------------- save
@@ -136,8 +139,9 @@ def write_experts(tmp: Path, cfg: Config, experts: LocalExperts, iteration: int)
 
 
 def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_opt, world_size: int,
-                      trainer_state: dict, metrics, keep: int, extra: dict | None = None) -> Path:
-    """Rank 0, after every rank's experts are written: D, the manifest, the rename, ``latest``, pruning."""
+                      trainer_state: dict, metrics, keep: int, extra: dict | None = None, router=None) -> Path:
+    """Rank 0, after every rank's experts are written: D (and the ``(module, optimizer)`` pair ``router``, if
+    any), the manifest, the rename, ``latest``, pruning."""
     root = tmp.parent
     name = iter_dirname(iteration)
     final = root / name
@@ -145,8 +149,9 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
     missing = [expert_filename(g) for g in range(num) if not (tmp / expert_filename(g)).is_file()]
     if missing:  # a bug in the caller, not a user error: never publish a checkpoint without its experts
         raise RuntimeError(f"checkpoint {tmp}: expert files {missing} were not written")
-    save_tensors(discriminator_tensors(disc_module, disc_opt), tmp / DISCRIMINATOR_FILE,
-                 discriminator_metadata(disc_module))
+    save_tensors(module_tensors(disc_module, disc_opt), tmp / DISCRIMINATOR_FILE, module_metadata(disc_module))
+    if router is not None:
+        save_tensors(module_tensors(*router), tmp / ROUTER_FILE, module_metadata(router[0], ROUTER_FORMAT))
     files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -183,8 +188,9 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
 
 
 def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalExperts, disc_module, disc_opt,
-                    dist: Dist, trainer_state: dict, metrics, keep: int) -> Path:
-    """Collective: every rank must call it. Returns the final checkpoint directory."""
+                    dist: Dist, trainer_state: dict, metrics, keep: int, router=None) -> Path:
+    """Collective: every rank must call it. Returns the final checkpoint directory. ``router``: rank 0's
+    ``(module, optimizer)`` of the routed competition, or None."""
     root = RunDir(run_dir).checkpoints
     tmp = root / f".tmp_{iter_dirname(iteration)}"
     if dist.is_main:
@@ -194,7 +200,7 @@ def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalEx
     dist.barrier()  # every expert file is complete and synced
     if dist.is_main:
         finish_checkpoint(tmp, iteration, cfg, disc_module, disc_opt, dist.world_size, trainer_state, metrics, keep,
-                          extra={"channels": experts.channels})
+                          extra={"channels": experts.channels}, router=router)
     dist.barrier()  # nobody goes on (or exits) before the checkpoint is in place
     return root / iter_dirname(iteration)
 
@@ -405,14 +411,19 @@ def check_fits(where: str, got: dict, template: dict) -> None:
                                   f"needs {tuple(t.shape)}")
 
 
-def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_opt, verify: bool = True) -> dict:
-    """Load the experts this rank owns now, D and its optimizer. Returns the manifest.
+def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_opt, verify: bool = True,
+              router=None) -> dict:
+    """Load the experts this rank owns now, D and its optimizer (and ``router``, a ``(module, optimizer)``
+    pair, where the checkpoint has one; without, the router stays fresh). Returns the manifest.
 
     Experts are addressed by global id, so a checkpoint saved at any world size loads at any other.
     """
     ckpt = Path(ckpt)
     own = [expert_filename(g) for g in experts.ids]
-    manifest = verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE]) if verify else read_manifest(ckpt)
+    manifest = read_manifest(ckpt)
+    has_router = router is not None and ROUTER_FILE in manifest["files"]
+    if verify:
+        verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE] + ([ROUTER_FILE] if has_router else []))
     check_compatible(manifest, cfg, ckpt)
     if channels_of(manifest) != experts.channels:
         raise CheckpointError(f"checkpoint '{ckpt}' was trained on images of {channels_of(manifest)} channels but "
@@ -428,13 +439,21 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
             experts.load_state(j, state)
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}': {fname} does not fit the config ({_one_line(e)})") from None
-    tensors, _ = read_tensors(ckpt / DISCRIMINATOR_FILE)
-    where = f"checkpoint '{ckpt}': {DISCRIMINATOR_FILE}"
-    check_fits(where + " (model)", strip_prefix(tensors, "model."), disc_module.state_dict())
-    disc_module.load_state_dict(strip_prefix(tensors, "model."))
+    _load_module(ckpt, DISCRIMINATOR_FILE, disc_module, disc_opt)
+    if has_router:
+        _load_module(ckpt, ROUTER_FILE, *router)
+    return manifest
+
+
+def _load_module(ckpt: Path, fname: str, module: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """A replicated module and its Adam from ``ckpt / fname`` (written by :func:`module_tensors`)."""
+    tensors, _ = read_tensors(ckpt / fname)
+    where = f"checkpoint '{ckpt}': {fname}"
+    check_fits(where + " (model)", strip_prefix(tensors, "model."), module.state_dict())
+    module.load_state_dict(strip_prefix(tensors, "model."))
     opt_tensors = strip_prefix(tensors, "optim.")
-    params = list(disc_module.parameters())
-    sd = disc_opt.state_dict()
+    params = list(module.parameters())
+    sd = opt.state_dict()
     state = {}
     for i, p in enumerate(params):
         st = {k: opt_tensors.pop(f"{i}.{k}") for k in ("step", "exp_avg", "exp_avg_sq") if f"{i}.{k}" in opt_tensors}
@@ -445,11 +464,10 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
         for k in ("exp_avg", "exp_avg_sq"):
             if tuple(st[k].shape) != tuple(p.shape):
                 raise CheckpointError(f"{where}: tensor 'optim.{i}.{k}' has shape {tuple(st[k].shape)} but this "
-                                      f"run's discriminator needs {tuple(p.shape)}")
+                                      f"run's {fname.split('.')[0]} needs {tuple(p.shape)}")
         state[i] = st
     if opt_tensors:
-        raise CheckpointError(f"{where} does not fit this run's discriminator: unexpected optimizer tensors "
+        raise CheckpointError(f"{where} does not fit this run's {fname.split('.')[0]}: unexpected optimizer tensors "
                               f"{sorted(opt_tensors)[:4]}")
     sd["state"] = state
-    disc_opt.load_state_dict(sd)
-    return manifest
+    opt.load_state_dict(sd)

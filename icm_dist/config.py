@@ -173,6 +173,19 @@ class TrainConfig:
     split_donor_share: float = 1.5
     """Only an expert that won at least this many fair shares since the last check is split (it likely holds
     two mechanisms); the busiest goes to the idlest."""
+    route_k: Optional[int] = None
+    """Beyond the paper: a routed competition. None (the paper): every expert transforms and D scores every
+    example, N' expert passes per example. k: a small router (trained on the competition's own winners)
+    proposes k candidate experts per example and only those run and are scored, k passes per example;
+    the winner is the best-scored candidate. Full competitions still run for the first ``route_warmup``
+    iterations and then every ``route_full_every``-th, teaching the router and keeping the division honest.
+    With BatchNorm, each expert's batch statistics are those of the examples routed to it."""
+    route_full_every: int = 10
+    """With ``route_k``: every this many iterations a full competition (all experts on all examples)."""
+    route_warmup: int = 200
+    """With ``route_k``: iterations of full competition before routing starts (the router learns from them)."""
+    lr_router: float = 1e-3
+    """With ``route_k``: Adam learning rate of the router."""
     stop_when_stable: Optional[int] = None
     """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
 
@@ -477,6 +490,17 @@ def validate(cfg: Config) -> None:
     need(cfg.train.capacity_factor is None or cfg.train.capacity_factor >= 1, "train.capacity_factor",
          cfg.train.capacity_factor, "must be >= 1 (every example needs a place) or null")
     need(cfg.train.capacity_iterations >= 0, "train.capacity_iterations", cfg.train.capacity_iterations, "must be >= 0")
+    if cfg.train.route_k is not None:
+        need(1 <= cfg.train.route_k <= cfg.expert.num, "train.route_k", cfg.train.route_k,
+             f"must be in 1..expert.num ({cfg.expert.num}) or null (the full competition)")
+        need(cfg.train.capacity_factor is None, "train.capacity_factor", cfg.train.capacity_factor,
+             "cannot be combined with train.route_k (a capped example may have no candidate with room); set one")
+        need(cfg.expert.norm != "batch" or cfg.train.expert_backward != "winners", "train.expert_backward",
+             cfg.train.expert_backward, "winners cannot be combined with train.route_k and BatchNorm (the routed "
+             "pass has no full-batch statistics to hold fixed); use auto or dense")
+        need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
+        need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
+        need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
     need(cfg.train.split_every >= 0, "train.split_every", cfg.train.split_every, "must be >= 0 (0: off)")
     need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps",
          cfg.train.split_steps,

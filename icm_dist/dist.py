@@ -135,6 +135,14 @@ class Dist:
         tdist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def broadcast_mask(self, mask: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s boolean tensor on every rank (the others pass one of the same shape)."""
+        if not self.enabled:
+            return mask
+        buf = mask.to(torch.uint8).contiguous()  # bool is not a dtype every backend reduces or sends
+        tdist.broadcast(buf, src=src)
+        return buf.bool()
+
     def barrier(self) -> None:
         if self.enabled:
             # gloo's barrier is a real collective; nccl's wants the device, which is already set.

@@ -201,11 +201,14 @@ class ExpertBank(nn.Module):
         h = run_blocks(self.cfg, x_BECHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg), norm, fast_elu)
         return torch.sigmoid(self.out(h))
 
-    def forward_one(self, j: int, x_BCHW: torch.Tensor, stats: list) -> torch.Tensor:
+    def forward_one(self, j: int, x_BCHW: torch.Tensor, stats: list | None) -> torch.Tensor:
         """Local expert ``j`` alone on ``x``: the outputs it had in the full pass of :meth:`forward`.
 
         BatchNorm uses the fixed ``stats`` of that pass (constants: no gradient flows through them);
         a per-example norm needs none. Either way the backward touches only the examples passed in.
+        With ``stats=None`` and BatchNorm (the routed competition, training mode), ``x`` is the expert's
+        whole batch: BatchNorm normalizes with its statistics and updates the expert's running statistics,
+        exactly what :meth:`forward` would do with this batch alone.
         """
         E, width, cfg = self.num, self.cfg.width, self.cfg
         sl = slice(j * width, (j + 1) * width)
@@ -223,6 +226,10 @@ class ExpertBank(nn.Module):
                 return h
             if cfg.norm != "batch":
                 return F.group_norm(h, norm_groups(cfg), n.weight[sl], n.bias[sl], n.eps)
+            if stats is None:
+                # Slices of the bank's running buffers are views: batch_norm updates the expert's own rows.
+                return F.batch_norm(h, n.running_mean[sl], n.running_var[sl], n.weight[sl], n.bias[sl], True,
+                                    n.momentum, n.eps)
             mean, invstd = stats[i]
             scale = (invstd[sl] * n.weight[sl]).view(1, width, 1, 1)
             return (h - mean[sl].view(1, width, 1, 1)) * scale + n.bias[sl].view(1, width, 1, 1)
@@ -231,6 +238,14 @@ class ExpertBank(nn.Module):
         C = self.channels
         w = self.out.weight.unflatten(0, (E, -1))[j].contiguous()
         return torch.sigmoid(F.conv2d(h, w, self.out.bias[j * C:(j + 1) * C], padding=1))
+
+    @torch.no_grad()
+    def count_batch(self) -> None:
+        """Advance BatchNorm's batch counters once, as a training-mode :meth:`forward` does (for passes that
+        run the experts one by one)."""
+        for n in self.norms:
+            if isinstance(n, nn.BatchNorm2d):
+                n.num_batches_tracked += 1
 
     # -- per-expert views ------------------------------------------------------------------
     def _expert_view(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -321,6 +336,27 @@ class Classifier(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.net(x_BCHW)
+
+
+class Router(nn.Module):
+    """The routed competition's proposer (``train.route_k``): an image to one logit per expert, trained to
+    predict the competition's winner. Two strided 3x3 convolutions, average pooling to 4x4 (where the
+    content sits is what tells one translation from another), a linear layer."""
+
+    def __init__(self, num_experts: int, channels: int = 1, width: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, width // 2, 3, stride=2, padding=1), nn.ELU(),
+            nn.Conv2d(width // 2, width, 3, stride=2, padding=1), nn.ELU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(width * 16, num_experts))
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.net(x_BCHW)
+
+
+def make_router(cfg: Config, channels: int = 1) -> Router:
+    with seeded(cfg.seed, "router-init"):
+        return Router(cfg.expert.num, channels)
 
 
 def num_params(module: nn.Module) -> int:

@@ -91,3 +91,28 @@ def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, co
     out[pool[order[:k]]] = copy
     return out
 
+
+
+def route_candidates(router_logits_BN: torch.Tensor, k: int, divisions=()) -> torch.Tensor:
+    """The routed competition's candidates: a ``[B, N]`` mask with each example's ``k`` highest router
+    logits (ties: the lower expert id); for every ``(donor, copy)`` division under way, where one of the
+    two is a candidate both are (they divide what either wins, so both must have run there).
+
+    Computed once (on rank 0) and broadcast, so every rank runs the same candidates.
+    """
+    B, N = router_logits_BN.shape
+    # A stable sort of the negated logits orders equal logits by expert id: the lower id comes first.
+    top_Bk = torch.sort(-router_logits_BN.detach().float(), dim=1, stable=True).indices[:, :k]
+    cand_BN = torch.zeros(B, N, dtype=torch.bool, device=router_logits_BN.device)
+    cand_BN.scatter_(1, top_Bk, True)
+    for donor, copy in divisions:
+        either_B = cand_BN[:, donor] | cand_BN[:, copy]
+        cand_BN[:, donor] = either_B
+        cand_BN[:, copy] = either_B
+    return cand_BN
+
+
+def routed_iteration(it: int, route_k: int | None, warmup: int, full_every: int) -> bool:
+    """Whether iteration ``it`` (1-based) is a routed competition: with ``route_k``, after the first
+    ``warmup`` iterations, except every ``full_every``-th (those, and the warm-up, are full competitions)."""
+    return route_k is not None and it > warmup and it % full_every != 0

@@ -60,13 +60,15 @@ def settle(scores_BN: torch.Tensor, capacity: int | None, divisions) -> torch.Te
 
 def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimizer, x_fake_BCHW: torch.Tensor,
                      x_real_BCHW: torch.Tensor, plan: ShardPlan, dist: Dist, capacity: int | None = None,
-                     divisions: tuple | list = ()) -> StepResult:
+                     divisions: tuple | list = (), candidates_BN: torch.Tensor | None = None) -> StepResult:
     """One iteration of Algorithm 1 on this rank. ``disc`` may be wrapped in DDP.
 
     ``capacity``: if set, no expert wins more than this many examples of the batch
     (:func:`routing.settle_winners_capped`); None is the paper's plain argmax. ``divisions``:
     ``(donor, copy)`` pairs of global ids that divide the donor's wins after a split
-    (:func:`routing.divide_wins`).
+    (:func:`routing.divide_wins`). ``candidates_BN``: the routed competition (``train.route_k``), a
+    ``[B, N]`` mask, the same on every rank, of the experts that run on each example; the others score
+    -inf and D learns from the candidates' outputs only. None: every expert on every example.
     """
     cfg = experts.cfg
     B, C, H, W = x_fake_BCHW.shape
@@ -76,29 +78,47 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     saved = experts.snapshot_buffers()
     sparse = expert_backward(cfg) == "winners"
     stats: list | None = [] if sparse else None
-    out_BECHW = _experts_forward(experts, x_fake_BCHW, stats, amp)
+    if candidates_BN is None:
+        out_BECHW = _experts_forward(experts, x_fake_BCHW, stats, amp)
+        fakes = out_BECHW.detach().float().reshape(B * E, C, H, W)  # row i*E + j: local expert j on example i
+    else:
+        start = plan.starts[dist.rank]
+        pairs_BE, out_PCHW = _routed_forward(experts, x_fake_BCHW, candidates_BN[:, start:start + E], sparse, amp)
+        fakes = out_PCHW.detach().float()
 
     # One D pass both scores the experts and builds D's update: its outputs, taken before D's step,
     # are the scores c_j of Algorithm 1. Going through the DDP wrapper here is what arms its hooks.
     reals = x_real_BCHW[real_slice(B, dist.world_size, dist.rank)]
     R = reals.shape[0]
-    fakes = out_BECHW.detach().float().reshape(B * E, C, H, W)  # row i*E + j: local expert j on example i
     with amp:
         logits = disc(torch.cat([reals, fakes], dim=0)).float()
-    real_logits, fake_logits_BE = logits[:R], logits[R:].view(B, E)
+    real_logits = logits[:R]
+    if candidates_BN is None:
+        fake_logits_BE = logits[R:].view(B, E)
+        fake_term = F.softplus(fake_logits_BE).sum() / (B * N)
+    else:
+        fake_logits_BE = logits.new_full((B, E), float("-inf"))
+        fake_logits_BE[pairs_BE >= 0] = logits[R:]  # pairs are numbered in row-major order of the mask
+        fake_term = F.softplus(logits[R:]).sum() / int(candidates_BN.sum())
     scores_BN = dist.gather_scores(fake_logits_BE.detach(), plan)
     winners_B = settle(scores_BN, capacity, divisions)
 
-    # Equation (3), this rank's share: its slice of the real batch and its experts' fakes. DDP averages
-    # gradients over ranks, so the share is scaled by the world size to make the average the
-    # single-process gradient.
-    disc_loss_local = F.softplus(-real_logits).sum() / B + F.softplus(fake_logits_BE).sum() / (B * N)
+    # Equation (3), this rank's share: its slice of the real batch and its experts' fakes (the mean over
+    # every fake of the step, all B * N of them or the candidates'). DDP averages gradients over ranks,
+    # so the share is scaled by the world size to make the average the single-process gradient.
+    disc_loss_local = F.softplus(-real_logits).sum() / B + fake_term
 
     local_B = winners_B - plan.starts[dist.rank]
     mine_B = (local_B >= 0) & (local_B < E)
     won_E = torch.bincount(local_B[mine_B], minlength=E)
     experts.opt.zero_grad()
-    expert_loss_E = _experts_backward(experts, getattr(disc, "module", disc), x_fake_BCHW, out_BECHW, local_B,
+    if candidates_BN is None:
+        def won_outputs(rows, cols):
+            return out_BECHW.unflatten(1, (E, -1))[rows, cols]
+    else:
+        def won_outputs(rows, cols):
+            return out_PCHW[pairs_BE[rows, cols]]
+    expert_loss_E = _experts_backward(experts, getattr(disc, "module", disc), x_fake_BCHW, won_outputs, local_B,
                                       mine_B, won_E, stats, amp, dist.device)
 
     disc_opt.zero_grad(set_to_none=True)
@@ -127,10 +147,41 @@ def _experts_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, stats: li
         return experts.train_forward(x_BECHW)
 
 
-def _experts_backward(experts: LocalExperts, disc_module, x_fake_BCHW, out_BECHW, local_B, mine_B, won_E, stats,
+def _routed_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, cand_BE: torch.Tensor, sparse: bool,
+                    amp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each local expert on its candidate examples only, in training mode: returns ``pairs_BE`` (the row of
+    ``out_PCHW`` holding expert j's output on example i, -1 where j is not a candidate; numbered in
+    row-major order of the mask) and ``out_PCHW``.
+
+    dense: the graph is kept, over each expert's candidates (with BatchNorm, its batch). winners (a
+    per-example norm): no graph; the winners re-run later, as in the full competition.
+    """
+    experts.bank.train()
+    B, C, H, W = x_fake_BCHW.shape
+    rows_P, cols_P, outs = [], [], []
+    with amp, torch.set_grad_enabled(not sparse):
+        for j in range(experts.num):
+            sel = torch.nonzero(cand_BE[:, j]).squeeze(1)
+            if sel.numel():
+                outs.append(experts.bank.forward_one(j, _fmt(x_fake_BCHW[sel], experts.cfg), None))
+                rows_P.append(sel)
+                cols_P.append(torch.full_like(sel, j))
+    experts.bank.count_batch()  # BatchNorm's batch counter moves once per step, as in one full pass
+    if not outs:
+        return torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device), x_fake_BCHW.new_zeros(0, C, H, W)
+    rows, cols = torch.cat(rows_P), torch.cat(cols_P)
+    order = torch.argsort(rows * cand_BE.shape[1] + cols)  # expert-major to row-major
+    pairs_BE = torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device)
+    pairs_BE[rows[order], cols[order]] = torch.arange(len(order), device=cand_BE.device)
+    return pairs_BE, torch.cat(outs)[order]
+
+
+def _experts_backward(experts: LocalExperts, disc_module, x_fake_BCHW, won_outputs, local_B, mine_B, won_E, stats,
                       amp, device) -> torch.Tensor:
     """Each local winner maximizes log D on the examples it won, through D before its update.
 
+    ``won_outputs(rows, cols)``: the outputs, with their graph, of local experts ``cols`` on examples
+    ``rows`` (the dense pass's); with ``stats`` (the winners mode) the winners re-run here instead.
     D is called as the plain module (not the DDP wrapper) and backward is restricted to the experts'
     parameters, so D takes no gradient and DDP's hooks never fire for this pass. Returns each local
     expert's mean -log D over its wins (nan where it won nothing).
@@ -150,7 +201,7 @@ def _experts_backward(experts: LocalExperts, disc_module, x_fake_BCHW, out_BECHW
             part_cols.append(torch.full((len(sel),), j, device=device, dtype=torch.long))
         won_out, cols = torch.cat(parts), torch.cat(part_cols)
     else:
-        won_out = out_BECHW.unflatten(1, (E, -1))[rows, cols]  # [k, C, H, W]
+        won_out = won_outputs(rows, cols)  # [k, C, H, W]
     with amp:
         won_logits = disc_module(won_out.float()).float()
     per_example = F.softplus(-won_logits)  # -log sigmoid

@@ -28,7 +28,8 @@ from .experts import LocalExperts, copy_expert
 from .identity import identity_init
 from .models import make_discriminator
 from .rng import sample_indices
-from .routing import plan_splits
+from .router import Proposer
+from .routing import plan_splits, route_candidates, routed_iteration
 from .rundir import RunDir
 from .step import StepResult, competition_step
 from .tracking import make_tracker
@@ -84,16 +85,27 @@ class MetricWindow:
         self.reset()
 
     def reset(self) -> None:
+        self.route_loss, self.route_recall, self.routed = [], [], 0
         self.win_counts = torch.zeros(self.num_experts)
         self.score_sum = torch.zeros(self.num_mech, self.num_experts)
         self.score_cnt = torch.zeros(self.num_mech, 1)
         self.t0, self.steps = time.time(), 0
 
-    def add(self, res: StepResult, wins_N: torch.Tensor, mech_B: torch.Tensor) -> None:
+    def add(self, res: StepResult, wins_N: torch.Tensor, mech_B: torch.Tensor, full: bool = True) -> None:
+        """A step's wins; its scores too when every expert scored every example (not in a routed step)."""
         self.steps += 1
         self.win_counts += wins_N.float()
+        if not full:
+            return
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
+
+    def add_route(self, loss: float, recall: float, routed: bool) -> None:
+        """The router's step: its loss, and its recall where it is honest (full competitions only)."""
+        self.route_loss.append(loss)
+        self.routed += int(routed)
+        if not routed:
+            self.route_recall.append(recall)
 
     def metrics(self, names: list[str]) -> dict:
         """Speed, win shares and each expert's mean D score per mechanism; then starts a new window."""
@@ -101,6 +113,11 @@ class MetricWindow:
         N = self.num_experts
         out = {"iter_per_s": self.steps / max(elapsed, 1e-9), "step_ms": 1000 * elapsed / max(self.steps, 1),
                **{f"win_share/e{e}": float(v) for e, v in enumerate(self.win_counts / self.win_counts.sum())}}
+        if self.route_loss:
+            out.update({"route/loss": sum(self.route_loss) / len(self.route_loss),
+                        "route/routed_share": self.routed / max(self.steps, 1)})
+        if self.route_recall:
+            out["route/recall"] = sum(self.route_recall) / len(self.route_recall)
         avg = self.score_sum / self.score_cnt.clamp(min=1)
         for m, name in enumerate(names):
             if self.score_cnt[m] > 0:
@@ -128,7 +145,8 @@ class Trainer:
         self.start, self.state = 0, TrainerState(SplitState([0] * cfg.expert.num))
         manifest = {}
         if self.resumed_from is not None:
-            manifest = ckpt_lib.load_into(self.resumed_from, cfg, self.experts, self.disc_module, self.disc_opt)
+            manifest = ckpt_lib.load_into(self.resumed_from, cfg, self.experts, self.disc_module, self.disc_opt,
+                                          router=self._router_pair())
             self.start = manifest["iteration"]
             self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
         metrics_log = None
@@ -169,6 +187,8 @@ class Trainer:
         self.disc_opt = torch.optim.Adam(self.disc_module.parameters(), lr=cfg.train.lr_discriminator,
                                          betas=tuple(cfg.train.betas), eps=cfg.train.eps)
         self.disc = dist.wrap_discriminator(self.disc_module)
+        # The routed competition's router: rank 0 proposes, every rank runs what it proposed.
+        self.proposer = Proposer(cfg, C, dist.device) if cfg.train.route_k is not None and dist.is_main else None
 
     def _resolve_resume(self) -> Path | None:
         """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
@@ -203,7 +223,9 @@ class Trainer:
                 it = t + 1
                 res, mech_B = self.step(t)
                 wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
-                window.add(res, wins_N, mech_B)
+                window.add(res, wins_N, mech_B, full=not self.routed_now)
+                if self.proposer is not None:
+                    window.add_route(*self.proposer.learn(res.winners_B), routed=self.routed_now)
                 if self.splitting:
                     self.split(wins_N, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
@@ -234,11 +256,22 @@ class Trainer:
             capacity = math.ceil(cfg.train.capacity_factor * B / N)
         divisions = [(a.donor, a.copy) for a in self.state.split.active]  # split() drops finished ones
         device = self.dist.device
-        res = competition_step(self.experts, self.disc, self.disc_opt, self.fake_x[idx_fake.to(device)],
-                               self.real_x[idx_real.to(device)], self.plan, self.dist, capacity=capacity,
-                               divisions=divisions)
-        # The score matrix is identical on every rank, so every rank stops at the same step.
-        if not bool(torch.isfinite(res.scores_BN).all()):
+        x_fake = self.fake_x[idx_fake.to(device)]
+        logits_BN = self.proposer.propose(x_fake) if self.proposer is not None else None
+        t_cfg = cfg.train
+        self.routed_now = routed_iteration(t + 1, t_cfg.route_k, t_cfg.route_warmup, t_cfg.route_full_every)
+        candidates = None
+        if self.routed_now:
+            candidates = (route_candidates(logits_BN, t_cfg.route_k, divisions) if self.dist.is_main
+                          else torch.zeros(B, N, dtype=torch.bool, device=device))
+            candidates = self.dist.broadcast_mask(candidates)
+        res = competition_step(self.experts, self.disc, self.disc_opt, x_fake, self.real_x[idx_real.to(device)],
+                               self.plan, self.dist, capacity=capacity, divisions=divisions,
+                               candidates_BN=candidates)
+        # The score matrix is identical on every rank, so every rank stops at the same step. In a routed
+        # step only the candidates were scored (the others hold -inf).
+        scored = res.scores_BN if candidates is None else res.scores_BN[candidates]
+        if not bool(torch.isfinite(scored).all()):
             raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
                                 f"metrics and checkpoints written so far in {self.run_dir} are intact; try a lower "
                                 "learning rate or train.precision=fp32")
@@ -320,9 +353,13 @@ class Trainer:
             self.log(f"assignments stable for {stable} evaluations: stopping at iteration {it}")
         return stop
 
+    def _router_pair(self) -> tuple | None:
+        return (self.proposer.module, self.proposer.opt) if self.proposer is not None else None
+
     def checkpoint(self, it: int) -> None:
         ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
-                                 self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep)
+                                 self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep,
+                                 router=self._router_pair())
 
     def finish(self, final_it: int, stopped_early: bool) -> dict | None:
         """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""

@@ -1,0 +1,163 @@
+"""The routed competition (train.route_k): candidates, the routed step against the full one, and training.
+
+The full competition is the reference. With every expert a candidate, a routed step is the full step
+computed expert by expert: the same winners and scores, D's loss and every gradient within float noise,
+with BatchNorm (each expert's batch is then the whole batch) and with a per-example norm. With fewer
+candidates and a per-example norm, an expert's output on an example does not depend on which other
+examples it ran on, so the routed scores are the full step's scores at the candidates, the winner is
+the best candidate, and D's loss is the mean over the candidates' outputs. Through the trainer: rank 0
+proposes, two ranks decide what one decides, and a resumed routed run ends bitwise where an
+uninterrupted one does (the router is in the checkpoint).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_checkpoint import _same_tensors
+from test_checkpoint import _train as train_tiny
+from test_norms import _batches, _cfg, _record_grads
+from test_policies import _train as train_ranks
+
+from icm_dist.data.protocol import build_protocol
+from icm_dist.dist import Dist, ShardPlan
+from icm_dist.experts import LocalExperts
+from icm_dist.models import make_discriminator
+from icm_dist.routing import route_candidates, routed_iteration
+from icm_dist.step import competition_step
+
+
+@pytest.fixture(scope="module")
+def proto(data_root, mnist):
+    return build_protocol(_cfg(data_root), mnist)
+
+
+def test_candidates_are_the_top_k_with_ties_to_the_lower_id_and_divisions_run_together():
+    logits = torch.tensor([[0.1, 0.9, 0.5, 0.9],
+                           [3.0, 2.0, 1.0, 0.0],
+                           [0.0, 0.0, 0.0, 0.0]])
+    assert route_candidates(logits, 2).tolist() == [[False, True, False, True],
+                                                     [True, True, False, False],
+                                                     [True, True, False, False]]
+    assert route_candidates(logits, 1).tolist() == [[False, True, False, False],
+                                                    [True, False, False, False],
+                                                    [True, False, False, False]]
+    assert route_candidates(logits, 4).all()
+    # Expert 2 is a fresh copy of expert 0: where either is a candidate, both run.
+    c = route_candidates(logits, 1, divisions=[(0, 2)])
+    assert c.tolist() == [[False, True, False, False], [True, False, True, False], [True, False, True, False]]
+
+
+def test_routed_iterations_follow_the_warm_up_and_the_full_every():
+    routed = [it for it in range(1, 21) if routed_iteration(it, 2, warmup=5, full_every=4)]
+    assert routed == [6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19]
+    assert not any(routed_iteration(it, None, 0, 1) for it in range(1, 10))
+
+
+def _step(cfg, proto, t, states, disc_state, candidates=None):
+    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
+    experts = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
+    for j, st in enumerate(states):
+        experts.load_state(j, st)
+    disc = make_discriminator(cfg)
+    disc.load_state_dict(disc_state)
+    grads: list = []
+    _record_grads(experts, grads)
+    disc_grads: dict = {}
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    opt.register_step_pre_hook(lambda *_: disc_grads.update({n: p.grad.clone() for n, p in disc.named_parameters()}))
+    res = competition_step(experts, disc, opt, *_batches(proto, t), plan, dist, candidates_BN=candidates)
+    return res, grads[0], disc_grads, experts
+
+
+def _assert_grads_close(a_list, b_list, names, what):
+    for name, a, b in zip(names, a_list, b_list):
+        assert (a is None) == (b is None), (what, name)
+        if a is not None:  # float order differs (one expert at a time): within 1e-4 of the largest entry
+            scale = float(b.abs().max()) or 1.0
+            assert float((a - b).abs().max()) <= 1e-4 * scale, (what, name, float((a - b).abs().max()), scale)
+
+
+def test_every_expert_a_candidate_is_the_full_step(data_root, proto):
+    for norm in (["expert.norm=batch"], ["expert.norm=layer"]):
+        cfg = _cfg(data_root, *norm)
+        ex = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+        disc = make_discriminator(cfg)
+        for t in range(3):
+            states, d_state = [ex.state(j) for j in range(4)], {k: v.clone() for k, v in disc.state_dict().items()}
+            full, g_full, dg_full, ex_full = _step(cfg, proto, t, states, d_state)
+            routed, g_routed, dg_routed, ex_routed = _step(cfg, proto, t, states, d_state,
+                                                           torch.ones(16, 4, dtype=torch.bool))
+            assert torch.equal(routed.winners_B, full.winners_B), (norm, t)
+            torch.testing.assert_close(routed.scores_BN, full.scores_BN, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(routed.disc_loss_local, full.disc_loss_local, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(routed.expert_loss_E, full.expert_loss_E, rtol=1e-5, atol=1e-6,
+                                       equal_nan=True)
+            _assert_grads_close(g_routed, g_full, ex.opt.names, (norm, t, "experts"))
+            _assert_grads_close([dg_routed[n] for n in dg_full], list(dg_full.values()), list(dg_full),
+                                (norm, t, "D"))
+            # BatchNorm's running statistics move the same way (each expert's batch is the whole batch); a
+            # variance summed in another order differs in its last bits.
+            for a, b in zip(ex_routed.buffers(), ex_full.buffers()):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            ex, disc = ex_full, make_discriminator(cfg)
+            disc.load_state_dict(d_state)
+
+
+def test_fewer_candidates_score_as_in_the_full_step_and_the_best_candidate_wins(data_root, proto):
+    """layer norm, 2 of 4 candidates: scores at the candidates as in the full step, -inf elsewhere; the
+    winner is the best candidate; D's loss is the mean over the candidates' outputs; experts that were no
+    winner's stay bitwise unchanged, weights, Adam and running buffers alike."""
+    cfg = _cfg(data_root, "expert.norm=layer")
+    ex = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+    states = [ex.state(j) for j in range(4)]
+    d_state = make_discriminator(cfg).state_dict()
+    gen = torch.Generator().manual_seed(0)
+    for t in range(3):
+        cand = route_candidates(torch.rand(16, 4, generator=gen), 2)
+        full, _, _, _ = _step(cfg, proto, t, states, d_state)
+        routed, _, _, ex_after = _step(cfg, proto, t, states, d_state, cand)
+        torch.testing.assert_close(routed.scores_BN[cand], full.scores_BN[cand], rtol=1e-5, atol=1e-6)
+        assert torch.isneginf(routed.scores_BN[~cand]).all()
+        best = torch.where(cand, full.scores_BN, torch.tensor(float("-inf"))).argmax(dim=1)
+        assert torch.equal(routed.winners_B, best), t
+        # Equation (3) over the candidates: real term from the full step (D and reals are the same).
+        real_term = full.disc_loss_local - F.softplus(full.scores_BN).sum() / full.scores_BN.numel()
+        want = real_term + F.softplus(full.scores_BN[cand]).sum() / int(cand.sum())
+        torch.testing.assert_close(routed.disc_loss_local, want, rtol=1e-5, atol=1e-6)
+        for j in range(4):
+            if routed.won_E[j] == 0:
+                after = ex_after.state(j)
+                assert all(torch.equal(after.model[k], states[j].model[k]) for k in after.model
+                           if not k.endswith("num_batches_tracked")), (t, j)
+                assert all(torch.equal(after.optim[k], states[j].optim[k]) for k in after.optim), (t, j)
+
+
+ROUTED = ["train.route_k=2", "train.route_warmup=4", "train.route_full_every=3"]
+
+
+def test_two_ranks_route_as_one_rank_does(tmp_path, data_root, mnist):
+    """Rank 0 proposes and broadcasts: the same candidates, scores and winners at every step on 1 and 2 ranks."""
+    runs = {w: train_ranks(tmp_path, w, ["train.precision=fp32", "identity_init.max_steps=10",
+                                         "eval.final_examples=100", "train.split_every=0", *ROUTED], data_root)
+            for w in (1, 2)}
+    one, two = runs[1][0], runs[2][0]
+    for t, (a, b) in enumerate(zip(one, two)):
+        finite_a = [[v != float("-inf") for v in row] for row in a["scores"]]
+        finite_b = [[v != float("-inf") for v in row] for row in b["scores"]]
+        assert finite_a == finite_b, t
+        routed = routed_iteration(t + 1, 2, 4, 3)
+        assert all(sum(row) == (2 if routed else 3) for row in finite_a), (t, finite_a)
+        assert a["winners"] == b["winners"], t
+    assert any(routed_iteration(t + 1, 2, 4, 3) for t in range(len(one)))
+
+
+def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_path, data_root):
+    a = train_tiny(tmp_path / "a", data_root, *ROUTED)
+    train_tiny(tmp_path / "b", data_root, *ROUTED, "train.iterations=4")
+    b = train_tiny(tmp_path / "b", data_root, *ROUTED, "resume=auto")
+    assert a["iterations"] == b["iterations"] == 8
+    last = "checkpoints/iter_0000008"
+    assert (tmp_path / "a" / last / "router.safetensors").is_file()
+    assert _same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
