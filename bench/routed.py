@@ -1,0 +1,100 @@
+"""The full competition against the routed one (train.route_k), side by side in one run.
+
+    python bench/routed.py                         # configs/scale.yaml: 48 experts, batch 64, k = 2, 4, 8
+    python bench/routed.py --experts 24 --k 4      # one rank's half of the scale committee
+    python bench/routed.py --set expert.norm=layer
+
+Times :func:`icm_dist.step.competition_step` on one process: the full competition (every expert on every
+example, as the config has it, compiled if it says so) and routed steps with ``k`` candidates per example,
+one step of each per round so that all see the same machine state; medians after warm-up. The candidates
+are every example's top k of seeded random logits: a balanced routing, each expert running on about
+``B * k / N'`` examples, as a trained router gives once the division has settled (a router that sends most
+examples to a few experts does the same total work in fewer, larger batches). The batches are real
+transformed digits of the config's mechanisms.
+
+Also printed: the mean cost of an iteration of a routed run, ``(full + (F - 1) * routed) / F`` for
+``train.route_full_every`` = F, against the full competition's. The last line reads
+``routed N.NNx`` (full over that mean, for the config's k, or the middle k given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from icm_dist.config import load_config  # noqa: E402
+from icm_dist.data.protocol import build_protocol  # noqa: E402
+from icm_dist.dist import Dist, ShardPlan  # noqa: E402
+from icm_dist.experts import LocalExperts  # noqa: E402
+from icm_dist.models import make_discriminator  # noqa: E402
+from icm_dist.precision import resolve_precision  # noqa: E402
+from icm_dist.rng import sample_indices  # noqa: E402
+from icm_dist.routing import route_candidates  # noqa: E402
+from icm_dist.step import competition_step  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "scale.yaml"))
+    p.add_argument("--experts", type=int, help="N' (default: the config's)")
+    p.add_argument("--k", type=int, nargs="*", default=[2, 4, 8], help="candidates per example")
+    p.add_argument("--full-every", type=int, default=20, help="train.route_full_every for the mean cost")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up steps)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--data-root", default=str(REPO / "data"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    over = [f"data.root={args.data_root}", "tracking.wandb.mode=disabled", *args.set]
+    if args.experts:
+        over.append(f"expert.num={args.experts}")
+    cfg = load_config(args.config, over)
+    N, B = cfg.expert.num, cfg.train.batch_size
+    proto = build_protocol(cfg)
+    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(N, 1)
+    paths = {}
+    for k in [None, *args.k]:
+        ex = LocalExperts(cfg, list(range(N)), dist.device)
+        D = make_discriminator(cfg).to(memory_format=torch.channels_last)
+        paths["full" if k is None else f"k={k}"] = (k, ex, D, torch.optim.Adam(D.parameters()))
+    gen = torch.Generator().manual_seed(0)
+    times = {name: [] for name in paths}
+    warmup = 2
+    for t in range(warmup + args.steps):
+        f = proto.transformed_x[sample_indices(len(proto.transformed_x), B, cfg.seed, "fake-batch", t)]
+        r = proto.canonical_x[sample_indices(len(proto.canonical_x), B, cfg.seed, "real-batch", t)]
+        logits = torch.rand(B, N, generator=gen)
+        for name, (k, ex, D, opt) in paths.items():
+            cand = None if k is None else route_candidates(logits, k)
+            t0 = time.perf_counter()
+            competition_step(ex, D, opt, f, r, plan, dist, candidates_BN=cand)
+            if t >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()})
+    print(f"bench/routed.py: {os.path.relpath(args.config, REPO)}, N'={N}, B={B}, {len(cfg.data.mechanisms)} "
+          f"mechanisms, norm {cfg.expert.norm}, precision {resolve_precision(cfg.train.precision, dist.device)}, "
+          f"compile {cfg.train.compile} (full steps); {args.threads} thread(s); CPU flags {' '.join(flags)}")
+    F = args.full_every
+    print(f"  {'path':<8}{'median ms':>11}{'vs full':>9}{f'mean ms/iter (F={F})':>22}{'vs full':>9}")
+    means = {}
+    for name, m in med.items():
+        mean = m if name == "full" else (med["full"] + (F - 1) * m) / F
+        means[name] = mean
+        print(f"  {name:<8}{1000 * m:>11.0f}{med['full'] / m:>8.2f}x{1000 * mean:>22.0f}{med['full'] / mean:>8.2f}x")
+    k = cfg.train.route_k if cfg.train.route_k in args.k else args.k[len(args.k) // 2]
+    print(f"routed {med['full'] / means[f'k={k}']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
