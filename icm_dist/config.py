@@ -436,13 +436,30 @@ def _cxx() -> Optional[str]:
     return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)), None)
 
 
+def need(ok: bool, key: str, value: Any, what: str) -> None:
+    """The one form of every validation error: the key, its value, and what it must be."""
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r}: {what}")
+
+
+def _validate_routing(cfg: Config) -> None:
+    """train.route_k and the keys that only matter with it."""
+    if cfg.train.route_k is None:
+        return
+    need(1 <= cfg.train.route_k <= cfg.expert.num, "train.route_k", cfg.train.route_k,
+         f"must be in 1..expert.num ({cfg.expert.num}) or null (the full competition)")
+    need(cfg.train.capacity_factor is None, "train.capacity_factor", cfg.train.capacity_factor,
+         "cannot be combined with train.route_k (a capped example may have no candidate with room); set one")
+    need(cfg.expert.norm != "batch" or cfg.train.expert_backward != "winners", "train.expert_backward",
+         cfg.train.expert_backward, "winners cannot be combined with train.route_k and BatchNorm (the routed "
+         "pass has no full-batch statistics to hold fixed); use auto or dense")
+    need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
+    need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
+    need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
+
+
 def validate(cfg: Config) -> None:
     """Check every value that its type cannot; raise one ConfigError naming the key and the value."""
-
-    def need(ok: bool, key: str, value: Any, what: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}' = {value!r}: {what}")
-
     need(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     need(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1")
     need(cfg.data.dataset in ("mnist", "symbols") or cfg.data.dataset.partition(":")[0] in ("torchvision", "folder")
@@ -490,17 +507,7 @@ def validate(cfg: Config) -> None:
     need(cfg.train.capacity_factor is None or cfg.train.capacity_factor >= 1, "train.capacity_factor",
          cfg.train.capacity_factor, "must be >= 1 (every example needs a place) or null")
     need(cfg.train.capacity_iterations >= 0, "train.capacity_iterations", cfg.train.capacity_iterations, "must be >= 0")
-    if cfg.train.route_k is not None:
-        need(1 <= cfg.train.route_k <= cfg.expert.num, "train.route_k", cfg.train.route_k,
-             f"must be in 1..expert.num ({cfg.expert.num}) or null (the full competition)")
-        need(cfg.train.capacity_factor is None, "train.capacity_factor", cfg.train.capacity_factor,
-             "cannot be combined with train.route_k (a capped example may have no candidate with room); set one")
-        need(cfg.expert.norm != "batch" or cfg.train.expert_backward != "winners", "train.expert_backward",
-             cfg.train.expert_backward, "winners cannot be combined with train.route_k and BatchNorm (the routed "
-             "pass has no full-batch statistics to hold fixed); use auto or dense")
-        need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
-        need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
-        need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
+    _validate_routing(cfg)
     need(cfg.train.split_every >= 0, "train.split_every", cfg.train.split_every, "must be >= 0 (0: off)")
     need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps",
          cfg.train.split_steps,
