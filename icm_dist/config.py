@@ -178,7 +178,8 @@ class TrainConfig:
     example, N' expert passes per example. k: a small router (trained on the competition's own winners)
     proposes k candidate experts per example and only those run and are scored, k passes per example;
     the winner is the best-scored candidate. Full competitions still run for the first ``route_warmup``
-    iterations and then every ``route_full_every``-th, teaching the router and keeping the division honest.
+    iterations, then every ``route_full_every``-th, and whenever the router's recall is below
+    ``route_min_recall``: they alone teach the router and count the wins the splits go by.
     With BatchNorm, each expert's batch statistics are those of the examples routed to it."""
     route_full_every: int = 10
     """With ``route_k``: every this many iterations a full competition (all experts on all examples)."""
@@ -186,6 +187,10 @@ class TrainConfig:
     """With ``route_k``: iterations of full competition before routing starts (the router learns from them)."""
     lr_router: float = 1e-3
     """With ``route_k``: Adam learning rate of the router."""
+    route_min_recall: float = 0.9
+    """With ``route_k``: routed steps run only while the router's recall (how often a full competition's
+    winner was among its k candidates, over recent full competitions) is at least this; below it every
+    step is a full competition, which teaches the router. 0: route regardless."""
     stop_when_stable: Optional[int] = None
     """Stop early once the winners of the evaluation probe set are unchanged for this many evaluations (criterion b)."""
 
@@ -456,6 +461,8 @@ def _validate_routing(cfg: Config) -> None:
     need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
     need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
     need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
+    need(0 <= cfg.train.route_min_recall <= 1, "train.route_min_recall", cfg.train.route_min_recall,
+         "must be in [0, 1]")
 
 
 def validate(cfg: Config) -> None:

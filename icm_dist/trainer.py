@@ -29,7 +29,7 @@ from .identity import identity_init
 from .models import make_discriminator
 from .rng import sample_indices
 from .router import Proposer
-from .routing import plan_splits, route_candidates, routed_iteration
+from .routing import plan_splits
 from .rundir import RunDir
 from .step import StepResult, competition_step
 from .tracking import make_tracker
@@ -63,10 +63,11 @@ class TrainerState:
     stable_evals: int = 0  # evaluations in a row whose probe winners did not change
     last_probe_winners: list[int] | None = None
     identity: dict | None = None  # identity init's steps, final MSE and seconds per expert
+    route_recall: float = 0.0  # the router's running recall (train.route_k; rank 0's)
 
     def to_json(self) -> dict:
         return {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
-                "identity": self.identity,
+                "identity": self.identity, "route_recall": self.route_recall,
                 "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
                           "log": self.split.log}}
 
@@ -74,7 +75,8 @@ class TrainerState:
     def from_json(cls, d: dict, num_experts: int) -> "TrainerState":
         s = d.get("split") or {"wins": [0] * num_experts, "active": [], "log": []}
         split = SplitState(list(s["wins"]), [Division(*a) for a in s["active"]], list(s["log"]))
-        return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"))
+        return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"),
+                   d.get("route_recall", 0.0))
 
 
 class MetricWindow:
@@ -100,12 +102,13 @@ class MetricWindow:
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
-    def add_route(self, loss: float, recall: float, routed: bool) -> None:
-        """The router's step: its loss, and its recall where it is honest (full competitions only)."""
-        self.route_loss.append(loss)
-        self.routed += int(routed)
-        if not routed:
-            self.route_recall.append(recall)
+    def add_route(self, learned: tuple[float, float] | None) -> None:
+        """The router after a step: a routed step (None), or what it learned from a full competition."""
+        if learned is None:
+            self.routed += 1
+            return
+        self.route_loss.append(learned[0])
+        self.route_recall.append(learned[1])
 
     def metrics(self, names: list[str]) -> dict:
         """Speed, win shares and each expert's mean D score per mechanism; then starts a new window."""
@@ -113,11 +116,11 @@ class MetricWindow:
         N = self.num_experts
         out = {"iter_per_s": self.steps / max(elapsed, 1e-9), "step_ms": 1000 * elapsed / max(self.steps, 1),
                **{f"win_share/e{e}": float(v) for e, v in enumerate(self.win_counts / self.win_counts.sum())}}
+        if self.route_loss or self.routed:
+            out["route/routed_share"] = self.routed / max(self.steps, 1)
         if self.route_loss:
             out.update({"route/loss": sum(self.route_loss) / len(self.route_loss),
-                        "route/routed_share": self.routed / max(self.steps, 1)})
-        if self.route_recall:
-            out["route/recall"] = sum(self.route_recall) / len(self.route_recall)
+                        "route/recall": sum(self.route_recall) / len(self.route_recall)})
         avg = self.score_sum / self.score_cnt.clamp(min=1)
         for m, name in enumerate(names):
             if self.score_cnt[m] > 0:
@@ -149,6 +152,8 @@ class Trainer:
                                           router=self._router_pair())
             self.start = manifest["iteration"]
             self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
+            if self.proposer is not None:
+                self.proposer.recall = self.state.route_recall
         metrics_log = None
         if dist.is_main:
             self.run_dir.create(cfg)
@@ -225,9 +230,9 @@ class Trainer:
                 wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
                 window.add(res, wins_N, mech_B, full=not self.routed_now)
                 if self.proposer is not None:
-                    window.add_route(*self.proposer.learn(res.winners_B), routed=self.routed_now)
-                if self.splitting:
-                    self.split(wins_N, it)
+                    window.add_route(self.proposer.learn(res.winners_B))
+                if self.splitting:  # a routed step's wins go by the router's choice: only full ones count
+                    self.split(wins_N if not self.routed_now else None, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
                     self.log_metrics(res, window, it)
                 if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
@@ -257,14 +262,13 @@ class Trainer:
         divisions = [(a.donor, a.copy) for a in self.state.split.active]  # split() drops finished ones
         device = self.dist.device
         x_fake = self.fake_x[idx_fake.to(device)]
-        logits_BN = self.proposer.propose(x_fake) if self.proposer is not None else None
-        t_cfg = cfg.train
-        self.routed_now = routed_iteration(t + 1, t_cfg.route_k, t_cfg.route_warmup, t_cfg.route_full_every)
-        candidates = None
-        if self.routed_now:
-            candidates = (route_candidates(logits_BN, t_cfg.route_k, divisions) if self.dist.is_main
-                          else torch.zeros(B, N, dtype=torch.bool, device=device))
-            candidates = self.dist.broadcast_mask(candidates)
+        candidates, self.routed_now = None, False
+        if cfg.train.route_k is not None:  # rank 0 decides; all True is a full competition
+            mask = (self.proposer.candidates(x_fake, t + 1, divisions) if self.dist.is_main
+                    else torch.zeros(B, N, dtype=torch.bool, device=device))
+            mask = self.dist.broadcast_mask(mask)
+            self.routed_now = not bool(mask.all())
+            candidates = mask if self.routed_now else None
         res = competition_step(self.experts, self.disc, self.disc_opt, x_fake, self.real_x[idx_real.to(device)],
                                self.plan, self.dist, capacity=capacity, divisions=divisions,
                                candidates_BN=candidates)
@@ -297,14 +301,16 @@ class Trainer:
         tracker.log({"identity/seconds": time.time() - t0, "identity/max_steps_used": max(steps),
                      **{f"identity/final_mse/e{e}": m for e, m in enumerate(mses)}}, 0)
 
-    def split(self, wins_N: torch.Tensor, it: int) -> None:
-        """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one.
+    def split(self, wins_N: torch.Tensor | None, it: int) -> None:
+        """train.split_every: count the step's wins (None: this step's do not count); at a check, copy each
+        busy expert into an idle one.
 
         Winners are identical on every rank, so every rank plans the same splits and joins the same
         copies in the same order.
         """
         cfg, split = self.cfg, self.state.split
-        split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
+        if wins_N is not None:
+            split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
         split.active = [a for a in split.active if a.until > it]
         if it % cfg.train.split_every or it > cfg.train.split_iterations:
             return
@@ -357,6 +363,8 @@ class Trainer:
         return (self.proposer.module, self.proposer.opt) if self.proposer is not None else None
 
     def checkpoint(self, it: int) -> None:
+        if self.proposer is not None:
+            self.state.route_recall = self.proposer.recall
         ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
                                  self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep,
                                  router=self._router_pair())

@@ -158,6 +158,7 @@ RANGE_CHECKS = [
     (["train.route_k=3", "train.route_full_every=0"], "train.route_full_every"),
     (["train.route_k=3", "train.route_warmup=-1"], "train.route_warmup"),
     (["train.route_k=3", "train.lr_router=0"], "train.lr_router"),
+    (["train.route_k=3", "train.route_min_recall=1.5"], "train.route_min_recall"),
     (["train.capacity_iterations=-1"], "train.capacity_iterations"),
     (["train.split_every=-1"], "train.split_every"),
     (["train.split_every=10", "train.split_steps=20"], "train.split_steps"),

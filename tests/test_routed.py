@@ -24,6 +24,7 @@ from icm_dist.data.protocol import build_protocol
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
+from icm_dist.router import RECALL_WEIGHT, Proposer
 from icm_dist.routing import route_candidates, routed_iteration
 from icm_dist.step import competition_step
 
@@ -134,7 +135,27 @@ def test_fewer_candidates_score_as_in_the_full_step_and_the_best_candidate_wins(
                 assert all(torch.equal(after.optim[k], states[j].optim[k]) for k in after.optim), (t, j)
 
 
-ROUTED = ["train.route_k=2", "train.route_warmup=4", "train.route_full_every=3"]
+def test_the_router_learns_from_full_competitions_only_and_routes_only_above_its_recall(data_root, proto):
+    cfg = _cfg(data_root, "train.route_k=1", "train.route_warmup=2", "train.route_full_every=3",
+               "train.route_min_recall=0.5")
+    p = Proposer(cfg, 1, torch.device("cpu"))
+    x = _batches(proto, 0)[0]
+    assert p.candidates(x, 1).all()  # warm-up: a full competition
+    loss, recall = p.learn(torch.zeros(16, dtype=torch.long))
+    assert p.recall == RECALL_WEIGHT * recall and loss > 0
+    assert p.candidates(x, 4).all(), "routed by the schedule, but the recall is below route_min_recall"
+    p.learn(torch.zeros(16, dtype=torch.long))
+    p.recall = 0.5
+    before = [q.clone() for q in p.module.parameters()]
+    routed = p.candidates(x, 4)
+    assert routed.sum(dim=1).tolist() == [1] * 16
+    assert p.learn(torch.zeros(16, dtype=torch.long)) is None, "a routed step teaches nothing"
+    assert all(torch.equal(a, b) for a, b in zip(before, p.module.parameters())) and p.recall == 0.5
+    assert p.candidates(x, 6).all()  # every route_full_every-th iteration is a full competition
+
+
+# route_min_recall=0: route by the schedule alone, so that the tiny runs below do route.
+ROUTED = ["train.route_k=2", "train.route_warmup=4", "train.route_full_every=3", "train.route_min_recall=0"]
 
 
 def test_two_ranks_route_as_one_rank_does(tmp_path, data_root, mnist):
