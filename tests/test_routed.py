@@ -75,9 +75,11 @@ def _step(cfg, proto, t, states, disc_state, candidates=None):
 def _assert_grads_close(a_list, b_list, names, what):
     for name, a, b in zip(names, a_list, b_list):
         assert (a is None) == (b is None), (what, name)
-        if a is not None:  # float order differs (one expert at a time): within 1e-4 of the largest entry
+        if a is not None:
+            # Float order differs (one expert at a time, and BatchNorm's statistics summed otherwise): within
+            # 1e-3 of the largest entry; a wrong example, a missing factor or a wrong sign is off by O(1).
             scale = float(b.abs().max()) or 1.0
-            assert float((a - b).abs().max()) <= 1e-4 * scale, (what, name, float((a - b).abs().max()), scale)
+            assert float((a - b).abs().max()) <= 1e-3 * scale, (what, name, float((a - b).abs().max()), scale)
 
 
 def test_every_expert_a_candidate_is_the_full_step(data_root, proto):
