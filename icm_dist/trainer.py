@@ -64,10 +64,11 @@ class TrainerState:
     last_probe_winners: list[int] | None = None
     identity: dict | None = None  # identity init's steps, final MSE and seconds per expert
     route_recall: float = 0.0  # the router's running recall (train.route_k; rank 0's)
+    routed_steps: int = 0  # iterations that ran as routed competitions
 
     def to_json(self) -> dict:
         return {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
-                "identity": self.identity, "route_recall": self.route_recall,
+                "identity": self.identity, "route_recall": self.route_recall, "routed_steps": self.routed_steps,
                 "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
                           "log": self.split.log}}
 
@@ -76,7 +77,7 @@ class TrainerState:
         s = d.get("split") or {"wins": [0] * num_experts, "active": [], "log": []}
         split = SplitState(list(s["wins"]), [Division(*a) for a in s["active"]], list(s["log"]))
         return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"),
-                   d.get("route_recall", 0.0))
+                   d.get("route_recall", 0.0), d.get("routed_steps", 0))
 
 
 class MetricWindow:
@@ -268,6 +269,7 @@ class Trainer:
                     else torch.zeros(B, N, dtype=torch.bool, device=device))
             mask = self.dist.broadcast_mask(mask)
             self.routed_now = not bool(mask.all())
+            self.state.routed_steps += int(self.routed_now)
             candidates = mask if self.routed_now else None
         res = competition_step(self.experts, self.disc, self.disc_opt, x_fake, self.real_x[idx_real.to(device)],
                                self.plan, self.dist, capacity=capacity, divisions=divisions,
@@ -372,6 +374,8 @@ class Trainer:
     def finish(self, final_it: int, stopped_early: bool) -> dict | None:
         """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""
         cfg = self.cfg
+        if self.proposer is not None:
+            self.state.route_recall = self.proposer.recall
         ev = evaluate(self.experts, self.disc_module, self.proto, self.classifier, self.plan, self.dist, cfg,
                       cfg.eval.final_examples)
         self.checkpoint(final_it)
@@ -416,6 +420,8 @@ class Trainer:
             "stopped_early": stopped_early,
             "identity_init": self.state.identity,
             "splits": self.state.split.log,
+            **({"routing": {"k": self.cfg.train.route_k, "routed_steps": self.state.routed_steps,
+                            "recall": self.state.route_recall}} if self.cfg.train.route_k is not None else {}),
         }
 
 

@@ -181,6 +181,8 @@ def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_p
     train_tiny(tmp_path / "b", data_root, *ROUTED, "train.iterations=4")
     b = train_tiny(tmp_path / "b", data_root, *ROUTED, "resume=auto")
     assert a["iterations"] == b["iterations"] == 8
+    assert a["routing"] == b["routing"] and a["routing"]["k"] == 2
+    assert a["routing"]["routed_steps"] == sum(routed_iteration(it, 2, 4, 3) for it in range(1, 9))
     last = "checkpoints/iter_0000008"
     assert (tmp_path / "a" / last / "router.safetensors").is_file()
     assert _same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
