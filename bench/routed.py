@@ -3,6 +3,7 @@
     python bench/routed.py                         # configs/scale.yaml: 48 experts, batch 64, k = 2, 4, 8
     python bench/routed.py --experts 24 --k 4      # one rank's half of the scale committee
     python bench/routed.py --set expert.norm=layer
+    python bench/routed.py --device cuda --largest  # also: the largest committee whose full step fits
 
 Times :func:`icm_dist.step.competition_step` on one process: the full competition (every expert on every
 example, as the config has it, compiled if it says so) and routed steps with ``k`` candidates per example,
@@ -13,8 +14,10 @@ examples to a few experts does the same total work in fewer, larger batches). Th
 transformed digits of the config's mechanisms.
 
 Also printed: the mean cost of an iteration of a routed run, ``(full + (F - 1) * routed) / F`` for
-``train.route_full_every`` = F, against the full competition's. The last line reads
-``routed N.NNx`` (full over that mean, for the config's k, or the middle k given).
+``train.route_full_every`` = F, against the full competition's, and on CUDA each path's peak memory.
+``--largest`` then doubles N' from the config's until a full step no longer fits in the GPU's memory (or
+``--max-experts``) and prints the largest committee that ran, its step time and peak memory. The last line
+reads ``routed N.NNx`` (full over that mean, for the config's k, or the middle k given).
 """
 
 from __future__ import annotations
@@ -42,6 +45,67 @@ from icm_dist.routing import route_candidates  # noqa: E402
 from icm_dist.step import competition_step  # noqa: E402
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _paths(cfg, ks, device):
+    """A fresh committee, D and D's Adam per path (None: the full competition)."""
+    out = {}
+    for k in ks:
+        ex = LocalExperts(cfg, list(range(cfg.expert.num)), device)
+        D = make_discriminator(cfg).to(device).to(memory_format=torch.channels_last)
+        out["full" if k is None else f"k={k}"] = (k, ex, D, torch.optim.Adam(D.parameters()))
+    return out
+
+
+def _time(cfg, proto, paths, dist, steps: int, warmup: int = 2) -> tuple[dict, dict]:
+    """Median seconds per step of each path, one step of each per round; peak CUDA memory (MiB) per path."""
+    N, B = cfg.expert.num, cfg.train.batch_size
+    plan, device = ShardPlan(N, 1), dist.device
+    gen = torch.Generator().manual_seed(0)
+    times, peak = {name: [] for name in paths}, {}
+    for t in range(warmup + steps):
+        f = proto.transformed_x[sample_indices(len(proto.transformed_x), B, cfg.seed, "fake-batch", t)].to(device)
+        r = proto.canonical_x[sample_indices(len(proto.canonical_x), B, cfg.seed, "real-batch", t)].to(device)
+        logits = torch.rand(B, N, generator=gen).to(device)
+        for name, (k, ex, D, opt) in paths.items():
+            cand = None if k is None else route_candidates(logits, k)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            _sync(device)
+            t0 = time.perf_counter()
+            competition_step(ex, D, opt, f, r, plan, dist, candidates_BN=cand)
+            _sync(device)
+            if t >= warmup:
+                times[name].append(time.perf_counter() - t0)
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**20)
+    return {name: statistics.median(v) for name, v in times.items()}, peak
+
+
+def _largest(args, over, proto, dist) -> None:
+    """Double N' until a full step does not fit (CUDA out of memory) or --max-experts; print the last that ran."""
+    n, best = load_config(args.config, over).expert.num, None
+    while n <= args.max_experts:
+        cfg = load_config(args.config, [*over, f"expert.num={n}"])
+        try:
+            med, peak = _time(cfg, proto, _paths(cfg, [None], dist.device), dist, steps=2, warmup=1)
+        except torch.cuda.OutOfMemoryError:
+            print(f"  N'={n}: out of memory")
+            break
+        best = (n, med["full"], peak.get("full"))
+        print(f"  N'={n}: full step {1000 * med['full']:.0f} ms"
+              + (f", peak {peak['full']:.0f} MiB" if "full" in peak else ""), flush=True)
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+        n *= 2
+    if best:
+        print(f"largest committee that ran: {best[0]} experts, {1000 * best[1]:.0f} ms per full step"
+              + (f", peak {best[2]:.0f} MiB" if best[2] else ""))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "configs" / "scale.yaml"))
@@ -50,47 +114,38 @@ def main(argv=None) -> int:
     p.add_argument("--full-every", type=int, default=20, help="train.route_full_every for the mean cost")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (after 2 warm-up steps)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--largest", action="store_true", help="then find the largest committee whose full step fits")
+    p.add_argument("--max-experts", type=int, default=4096, help="where --largest stops doubling")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--data-root", default=str(REPO / "data"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    over = [f"data.root={args.data_root}", "tracking.wandb.mode=disabled", *args.set]
+    over = [f"data.root={args.data_root}", "tracking.wandb.mode=disabled", f"device={args.device}", *args.set]
     if args.experts:
         over.append(f"expert.num={args.experts}")
     cfg = load_config(args.config, over)
     N, B = cfg.expert.num, cfg.train.batch_size
     proto = build_protocol(cfg)
-    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(N, 1)
-    paths = {}
-    for k in [None, *args.k]:
-        ex = LocalExperts(cfg, list(range(N)), dist.device)
-        D = make_discriminator(cfg).to(memory_format=torch.channels_last)
-        paths["full" if k is None else f"k={k}"] = (k, ex, D, torch.optim.Adam(D.parameters()))
-    gen = torch.Generator().manual_seed(0)
-    times = {name: [] for name in paths}
-    warmup = 2
-    for t in range(warmup + args.steps):
-        f = proto.transformed_x[sample_indices(len(proto.transformed_x), B, cfg.seed, "fake-batch", t)]
-        r = proto.canonical_x[sample_indices(len(proto.canonical_x), B, cfg.seed, "real-batch", t)]
-        logits = torch.rand(B, N, generator=gen)
-        for name, (k, ex, D, opt) in paths.items():
-            cand = None if k is None else route_candidates(logits, k)
-            t0 = time.perf_counter()
-            competition_step(ex, D, opt, f, r, plan, dist, candidates_BN=cand)
-            if t >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    dist = Dist(0, 1, 0, torch.device(args.device))
+    med, peak = _time(cfg, proto, _paths(cfg, [None, *args.k], dist.device), dist, args.steps)
+
     flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()})
     print(f"bench/routed.py: {os.path.relpath(args.config, REPO)}, N'={N}, B={B}, {len(cfg.data.mechanisms)} "
           f"mechanisms, norm {cfg.expert.norm}, precision {resolve_precision(cfg.train.precision, dist.device)}, "
-          f"compile {cfg.train.compile} (full steps); {args.threads} thread(s); CPU flags {' '.join(flags)}")
+          f"compile {cfg.train.compile} (full steps); {args.device}, {args.threads} thread(s); CPU flags "
+          f"{' '.join(flags)}")
     F = args.full_every
     print(f"  {'path':<8}{'median ms':>11}{'vs full':>9}{f'mean ms/iter (F={F})':>22}{'vs full':>9}")
     means = {}
     for name, m in med.items():
         mean = m if name == "full" else (med["full"] + (F - 1) * m) / F
         means[name] = mean
-        print(f"  {name:<8}{1000 * m:>11.0f}{med['full'] / m:>8.2f}x{1000 * mean:>22.0f}{med['full'] / mean:>8.2f}x")
+        mem = f"{peak[name]:>10.0f} MiB" if name in peak else ""
+        print(f"  {name:<8}{1000 * m:>11.0f}{med['full'] / m:>8.2f}x{1000 * mean:>22.0f}"
+              f"{med['full'] / mean:>8.2f}x{mem}")
+    if args.largest:
+        _largest(args, over, proto, dist)
     k = cfg.train.route_k if cfg.train.route_k in args.k else args.k[len(args.k) // 2]
     print(f"routed {med['full'] / means[f'k={k}']:.2f}x")
     return 0
