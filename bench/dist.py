@@ -6,7 +6,7 @@ Runs the real :func:`icm_dist.step.competition_step` of the paper config (config
 on real MNIST inputs (``build_protocol`` over ``--data-root``, the same batches for every set-up,
 drawn as the trainer draws them), in three set-ups, side by side: all their processes are spawned
 with torch.multiprocessing at once and take turns, one step of one set-up at a time (A, B, C, A, ...),
-so a change in the machine's background load hits all three alike:
+so a change in the machine's background load hits every set-up alike:
 
     W=1, 1 thread       the baseline
     W=2, 1 thread each  the experts split 5+5 (gloo on this machine)

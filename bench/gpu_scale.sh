@@ -4,7 +4,7 @@
 # steps with their peak memory and the largest committee whose full step fits (bench/routed.py --largest),
 # and iterations per second of short training runs of both configs (the metrics' step_ms).
 #
-#   OUT=runs/gpu_scale bash bench/gpu_scale.sh          # about 10 minutes on an H200
+#   OUT=runs/gpu_scale bash bench/gpu_scale.sh          # at most 14 minutes (the sum of its timeouts)
 set -u -o pipefail
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 OUT=${OUT:-runs/gpu_scale}; mkdir -p "$OUT"

@@ -89,10 +89,13 @@ def _largest(args, over, proto, dist) -> None:
     """Double N' until a full step does not fit (CUDA out of memory) or --max-experts; print the last that ran."""
     n, best = load_config(args.config, over).expert.num, None
     while n <= args.max_experts:
-        cfg = load_config(args.config, [*over, f"expert.num={n}"])
+        # Eager: a compiled pass would recompile at every size.
+        cfg = load_config(args.config, [*over, f"expert.num={n}", "train.compile=false"])
         try:
             med, peak = _time(cfg, proto, _paths(cfg, [None], dist.device), dist, steps=2, warmup=1)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if "out of memory" not in str(e).lower():
+                raise
             print(f"  N'={n}: out of memory")
             break
         best = (n, med["full"], peak.get("full"))

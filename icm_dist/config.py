@@ -175,12 +175,14 @@ class TrainConfig:
     two mechanisms); the busiest goes to the idlest."""
     route_k: Optional[int] = None
     """Beyond the paper: a routed competition. None (the paper): every expert transforms and D scores every
-    example, N' expert passes per example. k: a small router (trained on the competition's own winners)
-    proposes k candidate experts per example and only those run and are scored, k passes per example;
-    the winner is the best-scored candidate. Full competitions still run for the first ``route_warmup``
-    iterations, then every ``route_full_every``-th, and whenever the router's recall is below
-    ``route_min_recall``: they alone teach the router and count the wins the splits go by.
-    With BatchNorm, each expert's batch statistics are those of the examples routed to it."""
+    example, N' expert passes per example. k: a small router on rank 0 proposes k candidate experts per
+    example and only those run and are scored, k passes per example; the winner is the best-scored
+    candidate. Full competitions still run for the first ``route_warmup`` iterations, then every
+    ``route_full_every``-th, and whenever the router's recall is below ``route_min_recall``: they alone
+    teach the router (trained to predict their winners) and count the wins the splits go by. With
+    BatchNorm, an expert in a routed step normalizes over the few examples routed to it (about
+    B * k / N'), so its scores and running statistics differ from a full step's; a per-example
+    ``expert.norm`` has no such coupling."""
     route_full_every: int = 10
     """With ``route_k``: every this many iterations a full competition (all experts on all examples)."""
     route_warmup: int = 200
@@ -451,8 +453,8 @@ def _validate_routing(cfg: Config) -> None:
     """train.route_k and the keys that only matter with it."""
     if cfg.train.route_k is None:
         return
-    need(1 <= cfg.train.route_k <= cfg.expert.num, "train.route_k", cfg.train.route_k,
-         f"must be in 1..expert.num ({cfg.expert.num}) or null (the full competition)")
+    need(1 <= cfg.train.route_k < cfg.expert.num, "train.route_k", cfg.train.route_k,
+         f"must be in 1..expert.num - 1 ({cfg.expert.num - 1}), or null for the full competition")
     need(cfg.train.capacity_factor is None, "train.capacity_factor", cfg.train.capacity_factor,
          "cannot be combined with train.route_k (a capped example may have no candidate with room); set one")
     need(cfg.expert.norm != "batch" or cfg.train.expert_backward != "winners", "train.expert_backward",

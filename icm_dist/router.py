@@ -30,6 +30,7 @@ class Proposer:
                                     eps=self.t.eps)
         self.recall = 0.0  # over recent full competitions; part of the trainer state
         self.logits_BN: torch.Tensor | None = None
+        self.divisions: list = []
 
     def candidates(self, x_fake_BCHW: torch.Tensor, it: int, divisions=()) -> torch.Tensor:
         """Iteration ``it``'s ``[B, N]`` candidate mask: all True for a full competition (the warm-up, every
@@ -41,20 +42,20 @@ class Proposer:
         self.module.train()
         with torch.set_grad_enabled(not routed):  # full competitions teach the router: keep the graph
             logits_BN = self.module(x_fake_BCHW)
-        self.logits_BN = None if routed else logits_BN
+        self.logits_BN, self.divisions = (None if routed else logits_BN), list(divisions)
         if routed:
             return route_candidates(logits_BN, t.route_k, divisions)
         return torch.ones(logits_BN.shape, dtype=torch.bool, device=logits_BN.device)
 
     def learn(self, winners_B: torch.Tensor) -> tuple[float, float] | None:
         """After a full competition: one Adam step of cross-entropy towards its winners. Returns the loss
-        and the recall (the share of examples whose winner was among the k experts the router ranked
-        highest before the step); None after a routed step."""
+        and the recall (the share of examples whose winner was among the candidates the router would have
+        proposed, :func:`routing.route_candidates`); None after a routed step."""
         logits = self.logits_BN
         if logits is None:
             return None
-        top_Bk = torch.topk(logits.detach(), self.t.route_k, dim=1).indices
-        recall = float((top_Bk == winners_B.view(-1, 1)).any(dim=1).float().mean())
+        cand_BN = route_candidates(logits, self.t.route_k, self.divisions)
+        recall = float(cand_BN[torch.arange(len(winners_B), device=cand_BN.device), winners_B].float().mean())
         self.recall = (1 - RECALL_WEIGHT) * self.recall + RECALL_WEIGHT * recall
         loss = F.cross_entropy(logits, winners_B)
         self.opt.zero_grad(set_to_none=True)

@@ -9,6 +9,10 @@ nothing stays bitwise unchanged (weights, BatchNorm buffers, Adam moments and st
 Fast means: the experts run batched (one grouped convolution per layer), one D pass both scores
 the experts and builds D's update, and D's backward for the experts runs only on the winners'
 outputs. ``reference.py`` computes the same step plainly; tests hold the two to the same result.
+
+A routed step (``train.route_k``) is the same step on a candidate mask: each expert runs only on the
+examples it is a candidate for, the others score -inf, and D learns from the candidates' outputs.
+With every expert a candidate it is the full step (tests/test_routed.py).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     # so the share is scaled by the world size to make the average the single-process gradient.
     disc_loss_local = F.softplus(-real_logits).sum() / B + fake_term
 
+    if candidates_BN is not None and not bool(candidates_BN[torch.arange(B, device=winners_B.device), winners_B].all()):
+        raise RuntimeError("routed step: a winner that was no candidate (its output was never computed)")
     local_B = winners_B - plan.starts[dist.rank]
     mine_B = (local_B >= 0) & (local_B < E)
     won_E = torch.bincount(local_B[mine_B], minlength=E)
@@ -157,23 +163,23 @@ def _routed_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, cand_BE: t
     per-example norm): no graph; the winners re-run later, as in the full competition.
     """
     experts.bank.train()
-    B, C, H, W = x_fake_BCHW.shape
-    rows_P, cols_P, outs = [], [], []
+    C, H, W = x_fake_BCHW.shape[1:]
+    rows_P, cols_P = torch.nonzero(cand_BE, as_tuple=True)  # row-major: pair p is (rows_P[p], cols_P[p])
+    pairs_BE = torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device)
+    pairs_BE[rows_P, cols_P] = torch.arange(len(rows_P), device=cand_BE.device)
+    by_expert = torch.argsort(cols_P, stable=True)  # the pairs grouped by expert, examples in order
+    counts = torch.bincount(cols_P, minlength=experts.num).tolist()  # one device sync for the whole pass
+    outs, start = [], 0
     with amp, torch.set_grad_enabled(not sparse):
-        for j in range(experts.num):
-            sel = torch.nonzero(cand_BE[:, j]).squeeze(1)
-            if sel.numel():
+        for j, n in enumerate(counts):
+            if n:
+                sel = rows_P[by_expert[start:start + n]]
                 outs.append(experts.bank.forward_one(j, _fmt(x_fake_BCHW[sel], experts.cfg), None))
-                rows_P.append(sel)
-                cols_P.append(torch.full_like(sel, j))
+                start += n
     experts.bank.count_batch()  # BatchNorm's batch counter moves once per step, as in one full pass
     if not outs:
-        return torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device), x_fake_BCHW.new_zeros(0, C, H, W)
-    rows, cols = torch.cat(rows_P), torch.cat(cols_P)
-    order = torch.argsort(rows * cand_BE.shape[1] + cols)  # expert-major to row-major
-    pairs_BE = torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device)
-    pairs_BE[rows[order], cols[order]] = torch.arange(len(order), device=cand_BE.device)
-    return pairs_BE, torch.cat(outs)[order]
+        return pairs_BE, x_fake_BCHW.new_zeros(0, C, H, W)
+    return pairs_BE, torch.cat(outs)[torch.argsort(by_expert)]  # back to row-major
 
 
 def _experts_backward(experts: LocalExperts, disc_module, x_fake_BCHW, won_outputs, local_B, mine_B, won_E, stats,

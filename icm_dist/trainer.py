@@ -103,13 +103,12 @@ class MetricWindow:
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
-    def add_route(self, learned: tuple[float, float] | None) -> None:
-        """The router after a step: a routed step (None), or what it learned from a full competition."""
-        if learned is None:
-            self.routed += 1
-            return
-        self.route_loss.append(learned[0])
-        self.route_recall.append(learned[1])
+    def add_route(self, learned: tuple[float, float] | None, routed: bool) -> None:
+        """The router after a step: what it learned from a full competition (its loss and recall), if anything."""
+        self.routed += int(routed)
+        if learned is not None:
+            self.route_loss.append(learned[0])
+            self.route_recall.append(learned[1])
 
     def metrics(self, names: list[str]) -> dict:
         """Speed, win shares and each expert's mean D score per mechanism; then starts a new window."""
@@ -153,8 +152,9 @@ class Trainer:
                                           router=self._router_pair())
             self.start = manifest["iteration"]
             self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
-            if self.proposer is not None:
-                self.proposer.recall = self.state.route_recall
+            if self.proposer is not None:  # the recall belongs to the router it measured: none loaded, none kept
+                loaded = ckpt_lib.ROUTER_FILE in manifest["files"]
+                self.proposer.recall = self.state.route_recall = self.state.route_recall if loaded else 0.0
         metrics_log = None
         if dist.is_main:
             self.run_dir.create(cfg)
@@ -170,7 +170,7 @@ class Trainer:
         self.spare = max(0, cfg.expert.num - len(self.names))
         if self.splitting and self.spare:
             self.log(f"splits: {cfg.expert.num} experts for {len(self.names)} mechanisms, so {self.spare} idle "
-                     "experts are expected and only the idle ones beyond them are split")
+                     "experts are expected and only the idle ones beyond them become copies")
 
     def _setup_data(self) -> None:
         # Rank 0 may have to build the safetensors cache; the others wait and then read it.
@@ -227,13 +227,13 @@ class Trainer:
             it, stop = self.start, False
             for t in range(self.start, T):
                 it = t + 1
-                res, mech_B = self.step(t)
+                res, mech_B, routed = self.step(t)
                 wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
-                window.add(res, wins_N, mech_B, full=not self.routed_now)
+                window.add(res, wins_N, mech_B, full=not routed)
                 if self.proposer is not None:
-                    window.add_route(self.proposer.learn(res.winners_B))
+                    window.add_route(self.proposer.learn(res.winners_B), routed)
                 if self.splitting:  # a routed step's wins go by the router's choice: only full ones count
-                    self.split(wins_N if not self.routed_now else None, it)
+                    self.split(None if routed else wins_N, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
                     self.log_metrics(res, window, it)
                 if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
@@ -252,8 +252,9 @@ class Trainer:
         finally:
             self.tracker.finish()
 
-    def step(self, t: int) -> tuple[StepResult, torch.Tensor]:
-        """Iteration ``t + 1`` of Algorithm 1; returns its result and the mechanism of each fake example."""
+    def step(self, t: int) -> tuple[StepResult, torch.Tensor, bool]:
+        """Iteration ``t + 1`` of Algorithm 1; returns its result, the mechanism of each fake example, and
+        whether it was a routed competition."""
         cfg, B, N = self.cfg, self.cfg.train.batch_size, self.cfg.expert.num
         idx_fake = sample_indices(self.fake_x.shape[0], B, cfg.seed, "fake-batch", t)
         idx_real = sample_indices(self.real_x.shape[0], B, cfg.seed, "real-batch", t)
@@ -263,14 +264,14 @@ class Trainer:
         divisions = [(a.donor, a.copy) for a in self.state.split.active]  # split() drops finished ones
         device = self.dist.device
         x_fake = self.fake_x[idx_fake.to(device)]
-        candidates, self.routed_now = None, False
+        candidates = None
         if cfg.train.route_k is not None:  # rank 0 decides; all True is a full competition
             mask = (self.proposer.candidates(x_fake, t + 1, divisions) if self.dist.is_main
                     else torch.zeros(B, N, dtype=torch.bool, device=device))
             mask = self.dist.broadcast_mask(mask)
-            self.routed_now = not bool(mask.all())
-            self.state.routed_steps += int(self.routed_now)
-            candidates = mask if self.routed_now else None
+            if not bool(mask.all()):
+                candidates = mask
+                self.state.routed_steps += 1
         res = competition_step(self.experts, self.disc, self.disc_opt, x_fake, self.real_x[idx_real.to(device)],
                                self.plan, self.dist, capacity=capacity, divisions=divisions,
                                candidates_BN=candidates)
@@ -281,7 +282,7 @@ class Trainer:
             raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
                                 f"metrics and checkpoints written so far in {self.run_dir} are intact; try a lower "
                                 "learning rate or train.precision=fp32")
-        return res, self.proto.transformed_mech[idx_fake]
+        return res, self.proto.transformed_mech[idx_fake], candidates is not None
 
     def identity_init(self) -> None:
         """Approximate identity initialization of this rank's experts; progress and results to the tracker."""

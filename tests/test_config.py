@@ -152,7 +152,7 @@ RANGE_CHECKS = [
     (["train.betas=[0.9,1.0]"], "train.betas"),
     (["train.capacity_factor=0.5"], "train.capacity_factor"),
     (["train.route_k=0"], "train.route_k"),
-    (["train.route_k=11"], "train.route_k"),
+    (["train.route_k=10"], "train.route_k"),
     (["train.route_k=3", "train.capacity_factor=1.5"], "train.capacity_factor"),
     (["train.route_k=3", "train.expert_backward=winners"], "train.expert_backward"),
     (["train.route_k=3", "train.route_full_every=0"], "train.route_full_every"),

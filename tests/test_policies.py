@@ -140,7 +140,7 @@ def test_splits_happen_at_checks_up_to_their_cut_off_and_divide_for_split_steps(
             assert divided == [s["iteration"] + 1, s["iteration"] + 2], (world, s, divided)
 
 
-def test_with_more_experts_than_mechanisms_only_idle_experts_beyond_the_spare_ones_are_split(tmp_path, data_root,
+def test_with_more_experts_than_mechanisms_only_idle_experts_beyond_the_spare_ones_become_copies(tmp_path, data_root,
                                                                                              mnist):
     """4 experts for tiny's 3 mechanisms on two ranks: one idle expert is expected, so every check makes the
     pairs of ``plan_splits(..., spare=1)`` over the wins since the previous check, and at least one check

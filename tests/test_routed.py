@@ -12,6 +12,8 @@ uninterrupted one does (the router is in the checkpoint).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,64 @@ def test_fewer_candidates_score_as_in_the_full_step_and_the_best_candidate_wins(
                 assert all(torch.equal(after.optim[k], states[j].optim[k]) for k in after.optim), (t, j)
 
 
+def test_a_routed_step_moves_only_its_winners_with_batchnorm_over_each_experts_routed_batch(data_root, proto):
+    """BatchNorm, dense, expert 3 no candidate anywhere: it stays bitwise unchanged; candidates that won
+    nothing get their running statistics back bitwise; a winner's statistics are those of one BatchNorm
+    pass over exactly its candidate examples; the batch counter moves once."""
+    cfg = _cfg(data_root, "expert.norm=batch")
+    ex = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+    states = [ex.state(j) for j in range(4)]
+    d_state = make_discriminator(cfg).state_dict()
+    f = _batches(proto, 0)[0]
+    cand = route_candidates(torch.rand(16, 4, generator=torch.Generator().manual_seed(1)), 2)
+    cand[:, 0] |= cand[:, 3]
+    cand[:, 3] = False
+    res, _, _, after = _step(cfg, proto, 0, states, d_state, cand)
+    assert res.won_E[3] == 0 and bool(torch.isneginf(res.scores_BN[:, 3]).all())
+    for j in range(4):
+        a, b = after.state(j), states[j]
+        for k in a.model:
+            if k.endswith("num_batches_tracked"):
+                assert int(a.model[k]) == int(b.model[k]) + 1, (j, k)
+            elif "running" in k and res.won_E[j] > 0:
+                solo = LocalExperts(cfg, [j], torch.device("cpu"))
+                solo.load_state(0, states[j])
+                solo.bank.train()
+                with torch.no_grad():
+                    solo.bank.forward_one(0, f[cand[:, j]].contiguous(memory_format=torch.channels_last), None)
+                torch.testing.assert_close(a.model[k], solo.state(0).model[k], rtol=1e-5, atol=1e-6)
+            elif res.won_E[j] == 0:
+                assert torch.equal(a.model[k], b.model[k]), (j, k)
+        if res.won_E[j] == 0:
+            assert all(torch.equal(a.optim[k], b.optim[k]) for k in a.optim), j
+    assert int((res.won_E > 0).sum()) >= 2, "too few winners to check"
+
+
+def test_the_routed_gradient_is_each_winners_loss_on_the_examples_it_won(data_root, proto):
+    """layer norm, dense, 2 of 4 candidates: the experts' gradients equal those of sum_j mean_{i won by j}
+    -log D(expert_j(x_i)), computed expert by expert (what the pairs' bookkeeping must assemble)."""
+    cfg = _cfg(data_root, "expert.norm=layer", "train.expert_backward=dense")
+    ex = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+    states = [ex.state(j) for j in range(4)]
+    disc = make_discriminator(cfg)
+    f = _batches(proto, 2)[0]
+    cand = route_candidates(torch.rand(16, 4, generator=torch.Generator().manual_seed(2)), 2)
+    res, grads, _, _ = _step(cfg, proto, 2, states, disc.state_dict(), cand)
+    ref = LocalExperts(cfg, list(range(4)), torch.device("cpu"))
+    for j, st in enumerate(states):
+        ref.load_state(j, st)
+    ref.bank.train()
+    loss = 0
+    for j in range(4):
+        won = res.winners_B == j
+        if won.any():
+            out = ref.bank.forward_one(j, f[won].contiguous(memory_format=torch.channels_last), None)
+            loss = loss + F.softplus(-disc(out)).mean()
+    loss.backward()
+    _assert_grads_close(grads, [p.grad for p in ref.opt.params], ref.opt.names, "routed gradient")
+    assert int((res.won_E > 0).sum()) >= 2
+
+
 def test_the_router_learns_from_full_competitions_only_and_routes_only_above_its_recall(data_root, proto):
     cfg = _cfg(data_root, "train.route_k=1", "train.route_warmup=2", "train.route_full_every=3",
                "train.route_min_recall=0.5")
@@ -186,3 +246,18 @@ def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_p
     last = "checkpoints/iter_0000008"
     assert (tmp_path / "a" / last / "router.safetensors").is_file()
     assert _same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
+
+
+
+def test_a_routed_run_resumed_without_its_router_starts_a_fresh_one_and_forgets_its_recall(tmp_path, data_root):
+    """The recall belongs to the router it measured: a checkpoint without router.safetensors (an older run,
+    a surgery) resumes with a fresh router and a recall of 0, which keeps routing off until it is re-learned."""
+    a = train_tiny(tmp_path / "a", data_root, *ROUTED, "train.iterations=4")
+    assert a["routing"]["recall"] > 0
+    ckpt = tmp_path / "a/checkpoints/iter_0000004"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["router.safetensors"]
+    (ckpt / "router.safetensors").unlink()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    b = train_tiny(tmp_path / "a", data_root, *ROUTED, "train.iterations=4", "resume=auto")
+    assert b["iterations"] == 4 and b["routing"]["recall"] == 0.0
