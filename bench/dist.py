@@ -11,7 +11,7 @@ so a change in the machine's background load hits every set-up alike:
     W=1, 1 thread       the baseline
     W=2, 1 thread each  the experts split 5+5 (gloo on this machine)
     W=1, 2 threads      for reference: the same two cores given to one process instead
-    W=1, 1 thread, N'/2 weak scaling: half the committee on one process (what each of the two ranks holds)
+    W=1, 1 thread, N'/2 weak scaling: half the committee (rounded down) on one process, what a rank holds
 
 The strong-scaling ratio is the W=1 step time over the W=2 step time (ideal 2.00x, the last line:
 ``scaling N.NNx``); the weak-scaling one is the step time of N'/2 experts on one process over that of N'
