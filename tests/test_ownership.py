@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from icm_dist.commands import ownership as own
 from icm_dist.commands.cli import main as cli_main
 
@@ -67,3 +69,17 @@ def test_command_on_a_run_dir(tmp_path, capsys):
     assert "settled at iteration 200; at the end shared: none, idle: none; never led a mechanism: none" in out
     assert "  splits: e2 <- e1 at 150" in out
     assert cli_main(["ownership", str(tmp_path / "nothing")]) == 2
+
+
+def test_a_run_in_progress_names_its_mechanisms_by_their_labels(tmp_path, capsys):
+    """No summary yet: the names come from config.yaml's entries, parameterized ones by their labels."""
+    d = tmp_path / "run"
+    d.mkdir()
+    labels = ["up", "left2", "dark"]
+    rows = [{"iteration": 100, **{f"score/{m}/e{e}": float(e == j) for j, m in enumerate(labels) for e in range(3)}}]
+    (d / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (d / "config.yaml").write_text(yaml.safe_dump({"data": {"mechanisms": [
+        "up", {"name": "shift", "dx": -2, "label": "left2"}, {"name": "contrast", "gamma": 2.5, "label": "dark"}]},
+        "expert": {"num": 3}}))
+    assert cli_main(["ownership", str(d), "--every", "100"]) == 0
+    assert "     100  e0:up e1:left2 e2:dark  *" in capsys.readouterr().out

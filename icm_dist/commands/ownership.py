@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..data.library import resolve_mechanisms
 from ..errors import IcmError
 from ..rundir import CONFIG, METRICS, SUMMARY, RunDir
 
@@ -93,8 +94,9 @@ def read_run(run_dir: str | Path) -> tuple[list[dict], list[str], int, list[dict
     cfg = run.read_config() if s is None else None
     if s is not None:
         names, N, splits = s["mechanisms"], s["num_experts"], s.get("splits") or []
-    elif cfg is not None:
-        names, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
+    elif cfg is not None:  # a run in progress: the labels of its config's mechanism entries
+        entries, N = cfg.get("data", {}).get("mechanisms"), cfg.get("expert", {}).get("num")
+        names = [r.label for r in resolve_mechanisms(entries, import_functions=False)] if entries else None
     if not names or not N:
         raise OwnershipError(f"'{d}': neither {SUMMARY} nor {CONFIG} names the mechanisms and experts")
     rows = [r for r in run.read_metrics() if "iteration" in r]
