@@ -168,7 +168,7 @@ def _routed_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, cand_BE: t
     pairs_BE = torch.full(cand_BE.shape, -1, dtype=torch.long, device=cand_BE.device)
     pairs_BE[rows_P, cols_P] = torch.arange(len(rows_P), device=cand_BE.device)
     by_expert = torch.argsort(cols_P, stable=True)  # the pairs grouped by expert, examples in order
-    counts = torch.bincount(cols_P, minlength=experts.num).tolist()  # one device sync for the whole pass
+    counts = torch.bincount(cols_P, minlength=experts.num).tolist()  # synced once, not once per expert
     outs, start = [], 0
     with amp, torch.set_grad_enabled(not sparse):
         for j, n in enumerate(counts):
