@@ -67,10 +67,13 @@ class TrainerState:
     routed_steps: int = 0  # iterations that ran as routed competitions
 
     def to_json(self) -> dict:
-        return {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
-                "identity": self.identity, "route_recall": self.route_recall, "routed_steps": self.routed_steps,
-                "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
-                          "log": self.split.log}}
+        out = {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
+               "identity": self.identity,
+               "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
+                         "log": self.split.log}}
+        if self.route_recall or self.routed_steps:  # routed runs only: others keep the state they always had
+            out.update(route_recall=self.route_recall, routed_steps=self.routed_steps)
+        return out
 
     @classmethod
     def from_json(cls, d: dict, num_experts: int) -> "TrainerState":
