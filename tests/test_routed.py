@@ -222,7 +222,7 @@ ROUTED = ["train.route_k=2", "train.route_warmup=4", "train.route_full_every=3",
 
 def test_two_ranks_route_as_one_rank_does(tmp_path, data_root, mnist):
     """Rank 0 proposes and broadcasts: the same candidates, scores and winners at every step on 1 and 2 ranks."""
-    runs = {w: train_ranks(tmp_path, w, ["train.precision=fp32", "identity_init.max_steps=10",
+    runs = {w: train_ranks(tmp_path, w, ["train.precision=fp32", "identity_init.max_steps=10", "train.iterations=10",
                                          "eval.final_examples=100", "train.split_every=0", *ROUTED], data_root)
             for w in (1, 2)}
     one, two = runs[1][0], runs[2][0]
