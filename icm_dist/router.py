@@ -5,7 +5,8 @@ competition), so every rank runs the same ones whatever its hardware rounds, and
 needs synchronizing. It learns only from full competitions: in a routed step the winner is always one of
 its own candidates, and learning from those labels taught it its own choices (docs/results.md). The same
 full competitions measure its recall, and routing pauses while the recall is below
-``train.route_min_recall``: a router that has not learned the division costs speed, not quality.
+``train.route_min_recall``, so that a router that has not learned the division costs speed rather than
+quality.
 """
 
 from __future__ import annotations

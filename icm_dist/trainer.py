@@ -378,8 +378,6 @@ class Trainer:
     def finish(self, final_it: int, stopped_early: bool) -> dict | None:
         """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""
         cfg = self.cfg
-        if self.proposer is not None:
-            self.state.route_recall = self.proposer.recall
         ev = evaluate(self.experts, self.disc_module, self.proto, self.classifier, self.plan, self.dist, cfg,
                       cfg.eval.final_examples)
         self.checkpoint(final_it)

@@ -61,8 +61,9 @@ def _batches(proto, t: int):
     return f, r
 
 
-def _one_step(cfg, proto, t: int, states, disc_state):
-    """Step ``t`` from the given expert and D states (D's optimizer fresh): (result, expert gradients)."""
+def _one_step(cfg, proto, t: int, states, disc_state, candidates=None, disc_grads: dict | None = None):
+    """Step ``t`` from the given expert and D states (D's optimizer fresh): (result, expert gradients).
+    ``candidates``: a routed step's mask; ``disc_grads``, if given, receives D's gradients by name."""
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
     experts = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
     for j, st in enumerate(states):
@@ -71,7 +72,11 @@ def _one_step(cfg, proto, t: int, states, disc_state):
     disc.load_state_dict(disc_state)
     grads: list = []
     _record_grads(experts, grads)
-    res = competition_step(experts, disc, torch.optim.Adam(disc.parameters(), lr=1e-3), *_batches(proto, t), plan, dist)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
+    if disc_grads is not None:
+        opt.register_step_pre_hook(
+            lambda *_: disc_grads.update({n: p.grad.clone() for n, p in disc.named_parameters()}))
+    res = competition_step(experts, disc, opt, *_batches(proto, t), plan, dist, candidates_BN=candidates)
     return res, grads[0], experts, disc
 
 

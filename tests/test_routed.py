@@ -19,16 +19,14 @@ import torch
 import torch.nn.functional as F
 from test_checkpoint import _same_tensors
 from test_checkpoint import _train as train_tiny
-from test_norms import _batches, _cfg, _record_grads
+from test_norms import _batches, _cfg, _one_step
 from test_policies import _train as train_ranks
 
 from icm_dist.data.protocol import build_protocol
-from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
 from icm_dist.router import RECALL_WEIGHT, Proposer
 from icm_dist.routing import route_candidates, routed_iteration
-from icm_dist.step import competition_step
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +57,9 @@ def test_routed_iterations_follow_the_warm_up_and_the_full_every():
 
 
 def _step(cfg, proto, t, states, disc_state, candidates=None):
-    dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
-    experts = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
-    for j, st in enumerate(states):
-        experts.load_state(j, st)
-    disc = make_discriminator(cfg)
-    disc.load_state_dict(disc_state)
-    grads: list = []
-    _record_grads(experts, grads)
     disc_grads: dict = {}
-    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
-    opt.register_step_pre_hook(lambda *_: disc_grads.update({n: p.grad.clone() for n, p in disc.named_parameters()}))
-    res = competition_step(experts, disc, opt, *_batches(proto, t), plan, dist, candidates_BN=candidates)
-    return res, grads[0], disc_grads, experts
+    res, grads, experts, _ = _one_step(cfg, proto, t, states, disc_state, candidates, disc_grads)
+    return res, grads, disc_grads, experts
 
 
 def _assert_grads_close(a_list, b_list, names, what):
