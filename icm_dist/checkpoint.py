@@ -6,7 +6,8 @@ Layout of ``checkpoints/iter_NNNNNNN/`` (docs/checkpoint-format.md has the full 
   BatchNorm buffers), ``optim.<param>.exp_avg`` / ``optim.<param>.exp_avg_sq`` / ``optim.step``
   (its Adam);
 - ``discriminator.safetensors``: ``model.*`` and ``optim.<i>.{exp_avg,exp_avg_sq,step}``;
-- ``router.safetensors`` (runs with ``train.route_k``): the router, in D's layout;
+- ``router.safetensors`` (runs with ``train.route_k``): the router, in D's layout, its running recall in the
+  metadata;
 - ``manifest.json``: format version, iteration, world size at save, the config, the sha256 and size
   of every file, trainer state and the metrics so far.
 
@@ -140,8 +141,8 @@ def write_experts(tmp: Path, cfg: Config, experts: LocalExperts, iteration: int)
 
 def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_opt, world_size: int,
                       trainer_state: dict, metrics, keep: int, extra: dict | None = None, router=None) -> Path:
-    """Rank 0, after every rank's experts are written: D (and the ``(module, optimizer)`` pair ``router``, if
-    any), the manifest, the rename, ``latest``, pruning."""
+    """Rank 0, after every rank's experts are written: D (and ``router``, if any), the manifest, the rename,
+    ``latest``, pruning."""
     root = tmp.parent
     name = iter_dirname(iteration)
     final = root / name
@@ -151,7 +152,8 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
         raise RuntimeError(f"checkpoint {tmp}: expert files {missing} were not written")
     save_tensors(module_tensors(disc_module, disc_opt), tmp / DISCRIMINATOR_FILE, module_metadata(disc_module))
     if router is not None:
-        save_tensors(module_tensors(*router), tmp / ROUTER_FILE, module_metadata(router[0], ROUTER_FORMAT))
+        save_tensors(module_tensors(router.module, router.opt), tmp / ROUTER_FILE,
+                     {**module_metadata(router.module, ROUTER_FORMAT), "recall": json.dumps(float(router.recall))})
     files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -190,7 +192,7 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
 def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalExperts, disc_module, disc_opt,
                     dist: Dist, trainer_state: dict, metrics, keep: int, router=None) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory. ``router``: rank 0's
-    ``(module, optimizer)`` of the routed competition, or None."""
+    router of the routed competition (anything with its ``module``, ``opt`` and ``recall``), or None."""
     root = RunDir(run_dir).checkpoints
     tmp = root / f".tmp_{iter_dirname(iteration)}"
     if dist.is_main:
@@ -236,10 +238,11 @@ def read_manifest(ckpt: Path) -> dict:
     return manifest
 
 
-def verify_checkpoint(ckpt: Path, files: list[str] | None = None) -> dict:
-    """Check the manifest and the sha256 of ``files`` (all by default); raise CheckpointError naming the file."""
+def verify_checkpoint(ckpt: Path, files: list[str] | None = None, manifest: dict | None = None) -> dict:
+    """Check the manifest (``manifest``, if the caller read it already) and the sha256 of ``files`` (all by
+    default); raise CheckpointError naming the file."""
     ckpt = Path(ckpt)
-    manifest = read_manifest(ckpt)
+    manifest = read_manifest(ckpt) if manifest is None else manifest
     listed = manifest["files"]
     if files is None:
         needed = [expert_filename(g) for g in range(manifest["num_experts"])] + [DISCRIMINATOR_FILE]
@@ -413,8 +416,8 @@ def check_fits(where: str, got: dict, template: dict) -> None:
 
 def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_opt, verify: bool = True,
               router=None) -> dict:
-    """Load the experts this rank owns now, D and its optimizer (and ``router``, a ``(module, optimizer)``
-    pair, where the checkpoint has one; without, the router stays fresh). Returns the manifest.
+    """Load the experts this rank owns now, D and its optimizer (and ``router``'s module, optimizer and
+    recall, where the checkpoint has one; without, the router stays fresh). Returns the manifest.
 
     Experts are addressed by global id, so a checkpoint saved at any world size loads at any other.
     """
@@ -423,7 +426,7 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
     manifest = read_manifest(ckpt)
     has_router = router is not None and ROUTER_FILE in manifest["files"]
     if verify:
-        verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE] + ([ROUTER_FILE] if has_router else []))
+        verify_checkpoint(ckpt, own + [DISCRIMINATOR_FILE] + ([ROUTER_FILE] if has_router else []), manifest)
     check_compatible(manifest, cfg, ckpt)
     if channels_of(manifest) != experts.channels:
         raise CheckpointError(f"checkpoint '{ckpt}' was trained on images of {channels_of(manifest)} channels but "
@@ -440,14 +443,27 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}': {fname} does not fit the config ({_one_line(e)})") from None
     _load_module(ckpt, DISCRIMINATOR_FILE, disc_module, disc_opt)
-    if has_router:
-        _load_module(ckpt, ROUTER_FILE, *router)
+    if has_router:  # the recall belongs to the router it measured, so it is kept in the router's file
+        meta = _load_module(ckpt, ROUTER_FILE, router.module, router.opt)
+        router.recall = _router_recall(ckpt, meta, manifest)
     return manifest
 
 
-def _load_module(ckpt: Path, fname: str, module: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
-    """A replicated module and its Adam from ``ckpt / fname`` (written by :func:`module_tensors`)."""
-    tensors, _ = read_tensors(ckpt / fname)
+def _router_recall(ckpt: Path, meta: dict, manifest: dict) -> float:
+    # Checkpoints written before the recall moved into the router's metadata kept it in the trainer state.
+    if "recall" not in meta:
+        return float((manifest.get("trainer_state") or {}).get("route_recall", 0.0))
+    try:
+        return float(json.loads(meta["recall"]))
+    except (ValueError, TypeError):
+        raise CheckpointError(f"checkpoint '{ckpt}': {ROUTER_FILE} has an unreadable recall "
+                              f"{meta['recall']!r} in its metadata") from None
+
+
+def _load_module(ckpt: Path, fname: str, module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """A replicated module and its Adam from ``ckpt / fname`` (written by :func:`module_tensors`); returns the
+    file's metadata."""
+    tensors, meta = read_tensors(ckpt / fname)
     where = f"checkpoint '{ckpt}': {fname}"
     check_fits(where + " (model)", strip_prefix(tensors, "model."), module.state_dict())
     module.load_state_dict(strip_prefix(tensors, "model."))
@@ -471,3 +487,4 @@ def _load_module(ckpt: Path, fname: str, module: torch.nn.Module, opt: torch.opt
                               f"{sorted(opt_tensors)[:4]}")
     sd["state"] = state
     opt.load_state_dict(sd)
+    return meta

@@ -29,7 +29,7 @@ class Proposer:
         self.module = make_router(cfg, channels).to(device)
         self.opt = torch.optim.Adam(self.module.parameters(), lr=self.t.lr_router, betas=tuple(self.t.betas),
                                     eps=self.t.eps)
-        self.recall = 0.0  # over recent full competitions; part of the trainer state
+        self.recall = 0.0  # over recent full competitions; checkpoints keep it in router.safetensors' metadata
         self.logits_BN: torch.Tensor | None = None
         self.divisions: list = []
 

@@ -63,7 +63,6 @@ class TrainerState:
     stable_evals: int = 0  # evaluations in a row whose probe winners did not change
     last_probe_winners: list[int] | None = None
     identity: dict | None = None  # identity init's steps, final MSE and seconds per expert
-    route_recall: float = 0.0  # the router's running recall (train.route_k; rank 0's)
     routed_steps: int = 0  # iterations that ran as routed competitions
 
     def to_json(self) -> dict:
@@ -71,8 +70,8 @@ class TrainerState:
                "identity": self.identity,
                "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
                          "log": self.split.log}}
-        if self.route_recall or self.routed_steps:  # routed runs only: others keep the state they always had
-            out.update(route_recall=self.route_recall, routed_steps=self.routed_steps)
+        if self.routed_steps:  # routed runs only, so that other runs' manifests stay what they were
+            out.update(routed_steps=self.routed_steps)
         return out
 
     @classmethod
@@ -80,7 +79,7 @@ class TrainerState:
         s = d.get("split") or {"wins": [0] * num_experts, "active": [], "log": []}
         split = SplitState(list(s["wins"]), [Division(*a) for a in s["active"]], list(s["log"]))
         return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"),
-                   d.get("route_recall", 0.0), d.get("routed_steps", 0))
+                   d.get("routed_steps", 0))
 
 
 class MetricWindow:
@@ -152,12 +151,9 @@ class Trainer:
         manifest = {}
         if self.resumed_from is not None:
             manifest = ckpt_lib.load_into(self.resumed_from, cfg, self.experts, self.disc_module, self.disc_opt,
-                                          router=self._router_pair())
+                                          router=self.proposer)
             self.start = manifest["iteration"]
             self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
-            if self.proposer is not None:  # the recall belongs to the router it measured: none loaded, none kept
-                loaded = ckpt_lib.ROUTER_FILE in manifest["files"]
-                self.proposer.recall = self.state.route_recall = self.state.route_recall if loaded else 0.0
         metrics_log = None
         if dist.is_main:
             self.run_dir.create(cfg)
@@ -365,15 +361,10 @@ class Trainer:
             self.log(f"assignments stable for {stable} evaluations: stopping at iteration {it}")
         return stop
 
-    def _router_pair(self) -> tuple | None:
-        return (self.proposer.module, self.proposer.opt) if self.proposer is not None else None
-
     def checkpoint(self, it: int) -> None:
-        if self.proposer is not None:
-            self.state.route_recall = self.proposer.recall
         ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
                                  self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep,
-                                 router=self._router_pair())
+                                 router=self.proposer)
 
     def finish(self, final_it: int, stopped_early: bool) -> dict | None:
         """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""
@@ -423,7 +414,7 @@ class Trainer:
             "identity_init": self.state.identity,
             "splits": self.state.split.log,
             **({"routing": {"k": self.cfg.train.route_k, "routed_steps": self.state.routed_steps,
-                            "recall": self.state.route_recall}} if self.cfg.train.route_k is not None else {}),
+                            "recall": self.proposer.recall}} if self.cfg.train.route_k is not None else {}),
         }
 
 

@@ -17,11 +17,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from test_checkpoint import _same_tensors
 from test_checkpoint import _train as train_tiny
 from test_norms import _batches, _cfg, _one_step
 from test_policies import _train as train_ranks
 
+from icm_dist import checkpoint as ck
 from icm_dist.data.protocol import build_protocol
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
@@ -235,6 +238,25 @@ def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_p
     assert (tmp_path / "a" / last / "router.safetensors").is_file()
     assert _same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
 
+
+def test_a_checkpoint_that_kept_the_recall_in_its_trainer_state_resumes_with_it(tmp_path, data_root):
+    """Checkpoints written before the recall moved into router.safetensors' metadata kept it in
+    ``trainer_state.route_recall``: resumed, they continue as an uninterrupted run does."""
+    a = train_tiny(tmp_path / "a", data_root, *ROUTED)
+    train_tiny(tmp_path / "b", data_root, *ROUTED, "train.iterations=4")
+    ckpt = tmp_path / "b/checkpoints/iter_0000004"
+    router_file = ckpt / "router.safetensors"
+    with safe_open(str(router_file), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    recall = json.loads(meta.pop("recall"))
+    save_file(tensors, str(router_file), meta)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["trainer_state"]["route_recall"] = recall
+    manifest["files"]["router.safetensors"] = {"sha256": ck.sha256_file(router_file),
+                                               "bytes": router_file.stat().st_size}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    b = train_tiny(tmp_path / "b", data_root, *ROUTED, "resume=auto")
+    assert recall > 0 and a["routing"] == b["routing"]
 
 
 def test_a_routed_run_resumed_without_its_router_starts_a_fresh_one_and_forgets_its_recall(tmp_path, data_root):
