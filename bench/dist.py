@@ -29,7 +29,7 @@ backend's algorithm (a ring all-reduce sends about 2(W-1)/W times the tensor per
 
 After the timed steps each worker also runs, once, the collectives of one logging interval
 (tracking.log_every) and of one evaluation batch of ``--eval-rows`` test digits (the trainer uses
-eval.batch_size = 500; the bytes are linear in the rows), and the start-up config-hash check.
+eval.batch_size, 64 by default; the bytes are linear in the rows), and the start-up config-hash check.
 Not counted: DDP's one-off start-up broadcast of D's parameters from rank 0 and its shape check,
 both from C++ (|D| x 4 bytes once; see docs/distributed.md).
 """
@@ -298,6 +298,7 @@ def main(argv=None) -> int:
     from icm_dist.config import load_config
     from icm_dist.data.protocol import build_protocol
     from icm_dist.models import make_discriminator, num_params
+    from icm_dist.precision import describe_cpu
     from icm_dist.rng import sample_indices
 
     torch.set_num_threads(1)
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
     nD = num_params(make_discriminator(cfg))
 
     print(f"bench/dist.py: configs/paper.yaml with N'={args.experts} experts, B={B}, |D|={nD:,} parameters; "
-          f"{args.warmup} warm-up + {args.steps} timed steps per set-up; {os.cpu_count()} CPUs, "
+          f"{args.warmup} warm-up + {args.steps} timed steps per set-up; {os.cpu_count()} CPUs ({describe_cpu()}), "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
     N, half = args.experts, args.experts // 2
     setups = [(1, 1, N), (2, 1, N), (1, 2, N), (1, 1, half)]

@@ -34,20 +34,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.step import sync  # noqa: E402
 from icm_dist.config import load_config  # noqa: E402
 from icm_dist.data.protocol import build_protocol  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
-from icm_dist.precision import resolve_precision  # noqa: E402
+from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.routing import route_candidates  # noqa: E402
 from icm_dist.step import competition_step  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _paths(cfg, ks, device):
@@ -74,10 +70,10 @@ def _time(cfg, proto, paths, dist, steps: int, warmup: int = 2) -> tuple[dict, d
             cand = None if k is None else route_candidates(logits, k)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             competition_step(ex, D, opt, f, r, plan, dist, candidates_BN=cand)
-            _sync(device)
+            sync(device)
             if t >= warmup:
                 times[name].append(time.perf_counter() - t0)
             if device.type == "cuda":
@@ -133,11 +129,10 @@ def main(argv=None) -> int:
     dist = Dist(0, 1, 0, torch.device(args.device))
     med, peak = _time(cfg, proto, _paths(cfg, [None, *args.k], dist.device), dist, args.steps)
 
-    flags = sorted({f for f in ("avx512_bf16", "amx_bf16", "avx2") if f in Path("/proc/cpuinfo").read_text()})
     print(f"bench/routed.py: {os.path.relpath(args.config, REPO)}, N'={N}, B={B}, {len(cfg.data.mechanisms)} "
           f"mechanisms, norm {cfg.expert.norm}, precision {resolve_precision(cfg.train.precision, dist.device)}, "
-          f"compile {cfg.train.compile} (full steps); {args.device}, {args.threads} thread(s); CPU flags "
-          f"{' '.join(flags)}")
+          f"compile {cfg.train.compile} (full steps); {args.device}, {args.threads} thread(s); "
+          f"{describe_cpu()}")
     F = args.full_every
     print(f"  {'path':<8}{'median ms':>11}{'vs full':>9}{f'mean ms/iter (F={F})':>22}{'vs full':>9}")
     means = {}

@@ -40,7 +40,7 @@ from icm_dist.evaluate import run_committee  # noqa: E402
 from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.identity import identity_init  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
-from icm_dist.precision import resolve_precision  # noqa: E402
+from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
 from icm_dist.reference import reference_step  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.step import competition_step, expert_backward  # noqa: E402
@@ -207,7 +207,8 @@ def main():
                     "reference_peak_mib": mem[0], "fast_peak_mib": mem[1]})
         rows.append(row)
     dev = dist.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads, {describe_cpu()}")
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
           f"channels_last {cfg.train.channels_last}, expert_backward {expert_backward(cfg)}, "
           f"compile {cfg.train.compile}; batch {cfg.train.batch_size}")

@@ -8,22 +8,50 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _cpu_has_bf16() -> bool:
+def cpu_flags() -> tuple[str, ...]:
+    """The CPU features that decide the CPU defaults, as /proc/cpuinfo names them (empty where unreadable)."""
     try:
-        flags = open("/proc/cpuinfo").read()
+        text = open("/proc/cpuinfo").read()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return ()
+    return tuple(f for f in ("avx2", "avx512_bf16", "amx_bf16") if f in text.split())
+
+
+# oneDNN's ISA levels without bf16 instructions: ONEDNN_MAX_CPU_ISA at one of these keeps the convolutions
+# off the bf16 kernels whatever the CPU has.
+ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def _onednn_max_isa() -> str:
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+
+
+def describe_cpu() -> str:
+    """What every CPU speed figure names: the flags and the kernels ATen (and a capped oneDNN) dispatch to."""
+    isa = _onednn_max_isa()
+    return (f"CPU flags {' '.join(cpu_flags()) or '-'}, ATen {torch.backends.cpu.get_cpu_capability()}"
+            + (f", oneDNN max ISA {isa}" if isa else ""))
+
+
+def _cpu_has_bf16() -> bool:
+    # The instructions alone are not enough: the kernels must be allowed to use them. ATEN_CPU_CAPABILITY
+    # caps ATen's (and inductor's), ONEDNN_MAX_CPU_ISA oneDNN's convolutions; under either cap bf16 has no
+    # native kernels for much of the step.
+    return (bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+            and _onednn_max_isa() not in ONEDNN_BELOW_BF16)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16
-    or AMX), else fp32. Elsewhere bf16 autocast is emulated and slower than fp32."""
+    or AMX whose AVX-512 kernels ATen and oneDNN may use), else fp32. Elsewhere bf16 autocast is emulated and
+    slower than fp32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":

@@ -1,8 +1,14 @@
-"""Networks of appendix B, and the bank of grouped convolutions against a loop of Expert modules."""
+"""Networks of appendix B, the bank of grouped convolutions against a loop of Expert modules, the precision policy."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from icm_dist import precision
 from icm_dist.config import DiscriminatorConfig, ExpertConfig
 from icm_dist.models import Classifier, Discriminator, Expert, ExpertBank, make_expert, num_params
 
@@ -93,3 +99,34 @@ def test_forward_one_reproduces_the_full_pass(depth, pool):
     rows = torch.tensor([1, 4, 7])
     one = bank.forward_one(2, x[rows], stats)
     torch.testing.assert_close(one[:, 0], full[rows, 2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("flags,aten,onednn,expected", [
+    (("avx2", "avx512_bf16"), "AVX512", None, "bf16"),
+    (("avx2", "amx_bf16"), "AVX512", "AVX512_CORE_AMX", "bf16"),
+    (("avx2", "avx512_bf16"), "AVX2", None, "fp32"),       # ATen capped
+    (("avx2", "avx512_bf16"), "AVX512", "AVX2", "fp32"),   # oneDNN capped
+    (("avx2", "avx512_bf16"), "AVX512", "avx512_core", "fp32"),
+    (("avx2",), "AVX512", None, "fp32"),                   # no bf16 instructions
+])
+def test_auto_precision_needs_the_bf16_instructions_and_kernels_allowed_to_use_them(monkeypatch, flags, aten,
+                                                                                    onednn, expected):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if onednn is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_auto_precision_is_fp32_where_aten_dispatches_below_avx512():
+    """The real cap: ATEN_CPU_CAPABILITY=avx2 holds ATen to its AVX2 kernels on any CPU, whatever
+    /proc/cpuinfo lists, so ``auto`` picks fp32."""
+    code = ("import torch; from icm_dist.precision import resolve_precision; "
+            "print(torch.backends.cpu.get_cpu_capability(), resolve_precision('auto', torch.device('cpu')))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    capability, precision = out.stdout.split()
+    assert not capability.startswith("AVX512") and precision == "fp32"
