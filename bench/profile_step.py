@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from bench.step import batch, make_paths, setup  # noqa: E402
 from icm_dist.dist import ShardPlan  # noqa: E402
+from icm_dist.precision import describe_cpu  # noqa: E402
 from icm_dist.step import competition_step  # noqa: E402
 
 
@@ -45,8 +46,8 @@ def main() -> None:
         for t in range(args.warmup, args.warmup + args.steps):
             competition_step(experts, disc, disc_opt, *batch(proto, cfg, t, dist.device), plan, dist)
     per_step = (time.perf_counter() - t0) / args.steps
-    print(f"overrides {args.set or 'none'}, {torch.get_num_threads()} threads: {1000 * per_step:.0f} ms a step "
-          f"(profiled)")
+    print(f"{describe_cpu()}; overrides {args.set or 'none'}, {torch.get_num_threads()} threads: "
+          f"{1000 * per_step:.0f} ms a step (profiled)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 

@@ -450,7 +450,7 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
 
 
 def _router_recall(ckpt: Path, meta: dict, manifest: dict) -> float:
-    # Checkpoints written before the recall moved into the router's metadata kept it in the trainer state.
+    # A router file without the recall in its metadata: its checkpoint keeps it in the trainer state.
     if "recall" not in meta:
         return float((manifest.get("trainer_state") or {}).get("route_recall", 0.0))
     try:

@@ -132,8 +132,7 @@ class TrainConfig:
     """Adam epsilon for experts and discriminator."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Compute precision of the forward passes: bf16 autocast (weights and optimizer state stay fp32) or fp32.
-    ``auto`` picks bf16 where the hardware has it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX whose
-    AVX-512 kernels ATen and oneDNN are allowed to use)."""
+    ``auto`` picks bf16 where the hardware computes it natively (``precision.resolve_precision`` says where)."""
     channels_last: bool = True
     """Run convolutions in channels_last memory format (measured faster with oneDNN and cuDNN alike)."""
     expert_backward: Literal["auto", "dense", "winners"] = "auto"

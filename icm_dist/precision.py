@@ -15,7 +15,8 @@ import torch
 
 @functools.lru_cache(maxsize=None)
 def cpu_flags() -> tuple[str, ...]:
-    """The CPU features that decide the CPU defaults, as /proc/cpuinfo names them (empty where unreadable)."""
+    """The CPU features that CPU speed figures are named by, as /proc/cpuinfo names them (empty where
+    unreadable); the bf16 ones decide ``precision=auto``."""
     try:
         text = open("/proc/cpuinfo").read()
     except OSError:

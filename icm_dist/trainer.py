@@ -70,7 +70,7 @@ class TrainerState:
                "identity": self.identity,
                "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
                          "log": self.split.log}}
-        if self.routed_steps:  # routed runs only, so that other runs' manifests stay what they were
+        if self.routed_steps:  # runs without routing carry no routing fields
             out.update(routed_steps=self.routed_steps)
         return out
 

@@ -107,17 +107,19 @@ def test_forward_one_reproduces_the_full_pass(depth, pool):
     (("avx2", "avx512_bf16"), "AVX2", None, "fp32"),       # ATen capped
     (("avx2", "avx512_bf16"), "AVX512", "AVX2", "fp32"),   # oneDNN capped
     (("avx2", "avx512_bf16"), "AVX512", "avx512_core", "fp32"),
+    (("avx2", "avx512_bf16"), "AVX512", "AVX512_CORE_BF16", "bf16"),  # the lowest level with bf16
+    (("avx2", "avx512_bf16"), "AVX512", "dnnl:AVX2", "fp32"),  # the older variable name, DNNL_MAX_CPU_ISA
     (("avx2",), "AVX512", None, "fp32"),                   # no bf16 instructions
 ])
 def test_auto_precision_needs_the_bf16_instructions_and_kernels_allowed_to_use_them(monkeypatch, flags, aten,
                                                                                     onednn, expected):
     monkeypatch.setattr(precision, "cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: aten)
-    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    if onednn is None:
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    if onednn is not None:
+        name, _, value = onednn.rpartition(":")
+        monkeypatch.setenv("DNNL_MAX_CPU_ISA" if name == "dnnl" else "ONEDNN_MAX_CPU_ISA", value)
     assert precision.resolve_precision("auto", torch.device("cpu")) == expected
 
 
@@ -125,8 +127,8 @@ def test_auto_precision_is_fp32_where_aten_dispatches_below_avx512():
     """The real cap: ATEN_CPU_CAPABILITY=avx2 holds ATen to its AVX2 kernels on any CPU, whatever
     /proc/cpuinfo lists, so ``auto`` picks fp32."""
     code = ("import torch; from icm_dist.precision import resolve_precision; "
-            "print(torch.backends.cpu.get_cpu_capability(), resolve_precision('auto', torch.device('cpu')))")
+            "print(torch.backends.cpu.get_cpu_capability()); print(resolve_precision('auto', torch.device('cpu')))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
-    capability, precision = out.stdout.split()
-    assert not capability.startswith("AVX512") and precision == "fp32"
+    capability, picked = out.stdout.splitlines()[-2:]
+    assert not capability.startswith("AVX512") and picked == "fp32"

@@ -267,6 +267,7 @@ def test_a_routed_run_resumed_without_its_router_starts_a_fresh_one_and_forgets_
     ckpt = tmp_path / "a/checkpoints/iter_0000004"
     manifest = json.loads((ckpt / "manifest.json").read_text())
     del manifest["files"]["router.safetensors"]
+    manifest["trainer_state"]["route_recall"] = 0.5  # where the first routed checkpoints kept it: not for a new router
     (ckpt / "router.safetensors").unlink()
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     b = train_tiny(tmp_path / "a", data_root, *ROUTED, "train.iterations=4", "resume=auto")
