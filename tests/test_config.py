@@ -5,6 +5,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import yaml
 
 import icm_dist.config as config_module
 from icm_dist.config import Config, apply_override, config_hash, load_config
@@ -30,8 +31,19 @@ def test_paper_suite_runs_the_papers_algorithm():
 
 
 def test_shipped_configs_load():
-    for name in ("paper", "quick", "tiny"):
+    for name in ("paper", "quick", "tiny", "scale"):
         load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+
+
+def test_every_suite_entry_loads_with_its_overrides():
+    """launch/reproduce.py starts each entry as its config plus its overrides: a typo there would only show
+    once the suite's run started."""
+    suites = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/suite.yaml"))
+    assert len(suites) >= 3
+    for suite in suites:
+        for name, spec in yaml.safe_load(suite.read_text())["experiments"].items():
+            cfg = load_config(suite.parent / spec["config"], spec.get("overrides", []))
+            assert spec["seeds"] >= 1 and cfg.expert.num >= 1, f"{suite}: {name}"
 
 
 def test_overrides_are_yaml_scalars():
