@@ -40,10 +40,12 @@ def describe_cpu() -> str:
             + (f", oneDNN max ISA {isa}" if isa else ""))
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_has_bf16() -> bool:
     # The instructions alone are not enough: the kernels must be allowed to use them. ATEN_CPU_CAPABILITY
     # caps ATen's (and inductor's), ONEDNN_MAX_CPU_ISA oneDNN's convolutions; under either cap bf16 has no
-    # native kernels for much of the step.
+    # native kernels for much of the step. Both libraries read their cap once per process, so the answer is
+    # decided once too (every step's autocast asks).
     return (bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
             and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
             and _onednn_max_isa() not in ONEDNN_BELOW_BF16)

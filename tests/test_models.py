@@ -120,7 +120,11 @@ def test_auto_precision_needs_the_bf16_instructions_and_kernels_allowed_to_use_t
     if onednn is not None:
         name, _, value = onednn.rpartition(":")
         monkeypatch.setenv("DNNL_MAX_CPU_ISA" if name == "dnnl" else "ONEDNN_MAX_CPU_ISA", value)
-    assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    precision._cpu_has_bf16.cache_clear()  # decided once per process: decide again under this case's CPU
+    try:
+        assert precision.resolve_precision("auto", torch.device("cpu")) == expected
+    finally:
+        precision._cpu_has_bf16.cache_clear()  # the next caller sees this machine's CPU again
 
 
 def test_auto_precision_is_fp32_where_aten_dispatches_below_avx512():
