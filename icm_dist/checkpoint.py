@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import Config, to_dict
+from .config import Config, describe_changes, resume_changes, to_dict
 from .dist import Dist
 from .errors import CheckpointError
 from .experts import ExpertState, LocalExperts
@@ -47,13 +47,6 @@ DISCRIMINATOR_FILE = "discriminator.safetensors"
 ROUTER_FORMAT = "icm-dist-router/1"
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
-
-# Config keys whose values fix the saved tensors' shapes or meaning: a checkpoint fits a run only if they
-# agree. A key missing from an older checkpoint's config had its default value there.
-SHAPE_KEYS = [("expert", "num"), ("expert", "width"), ("expert", "depth"), ("expert", "pool"), ("expert", "norm"),
-              ("expert", "groups"), ("expert", "weight_standardization"),
-              ("discriminator", "widths"), ("discriminator", "hidden"), ("data", "image_size")]
-
 
 def channels_of(manifest: dict) -> int:
     """The image channels of a checkpoint's networks (manifests from before colour data: MNIST's one)."""
@@ -190,9 +183,11 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
 
 
 def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalExperts, disc_module, disc_opt,
-                    dist: Dist, trainer_state: dict, metrics, keep: int, router=None) -> Path:
+                    dist: Dist, trainer_state: dict, metrics, keep: int, router=None,
+                    data_sha256: str | None = None) -> Path:
     """Collective: every rank must call it. Returns the final checkpoint directory. ``router``: rank 0's
-    router of the routed competition (anything with its ``module``, ``opt`` and ``recall``), or None."""
+    router of the routed competition (anything with its ``module``, ``opt`` and ``recall``), or None;
+    ``data_sha256``: the digest of the images trained on (rank 0's), which a resume checks."""
     root = RunDir(run_dir).checkpoints
     tmp = root / f".tmp_{iter_dirname(iteration)}"
     if dist.is_main:
@@ -202,7 +197,8 @@ def save_checkpoint(run_dir: Path, iteration: int, cfg: Config, experts: LocalEx
     dist.barrier()  # every expert file is complete and synced
     if dist.is_main:
         finish_checkpoint(tmp, iteration, cfg, disc_module, disc_opt, dist.world_size, trainer_state, metrics, keep,
-                          extra={"channels": experts.channels}, router=router)
+                          extra={"channels": experts.channels,
+                                 **({"data": {"sha256": data_sha256}} if data_sha256 else {})}, router=router)
     dist.barrier()  # nobody goes on (or exits) before the checkpoint is in place
     return root / iter_dirname(iteration)
 
@@ -265,20 +261,29 @@ def verify_checkpoint(ckpt: Path, files: list[str] | None = None, manifest: dict
 
 
 def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
-    """The checkpoint's shapes must fit the run: same committee and networks (world size may differ)."""
-    saved = manifest["config"]
-    now, defaults = to_dict(cfg), to_dict(Config())
-    for section, key in SHAPE_KEYS:
-        if key == "groups" and now["expert"]["norm"] != "group":
-            continue  # expert.groups means something only to the group norm
-        got = saved[section].get(key, defaults[section][key]) if isinstance(saved.get(section), dict) else None
-        if got != now[section][key]:
-            raise CheckpointError(f"checkpoint '{ckpt}' was saved with {section}.{key}={got!r} but "
-                                  f"this run has {section}.{key}={now[section][key]!r}; use a matching config "
-                                  f"(or icm-dist surgery to change the committee)")
+    """The checkpoint must belong to this experiment: every key outside ``config.RESUMABLE_KEYS`` as the run
+    saved it (so its shapes fit too); the world size may differ."""
+    changes = resume_changes(manifest["config"], cfg)
+    if cfg.expert.norm != "group":  # expert.groups means something only to the group norm
+        changes = [c for c in changes if c[0] != "expert.groups"]
+    if changes:
+        raise CheckpointError(f"checkpoint '{ckpt}' belongs to another experiment: it was {describe_changes(changes)}; "
+                              "a resume may change only how long, how often and where the run trains, evaluates, "
+                              "logs and checkpoints, and how it is launched (README, 'Resuming'): use a new "
+                              "run.out_dir for a new experiment (or icm-dist surgery to change the committee)")
     if manifest["num_experts"] != cfg.expert.num:
         raise CheckpointError(f"checkpoint '{ckpt}': {MANIFEST_FILE} says num_experts={manifest['num_experts']} "
-                              f"but its config says expert.num={saved['expert']['num']}")
+                              f"but its config says expert.num={manifest['config']['expert']['num']}")
+
+
+def check_data(manifest: dict, data_sha256: str, ckpt: Path) -> None:
+    """The images a run trains on must be those its checkpoint was trained on (checkpoints from before the
+    digest was recorded are taken on trust)."""
+    saved = (manifest.get("data") or {}).get("sha256")
+    if saved is not None and saved != data_sha256:
+        raise CheckpointError(f"checkpoint '{ckpt}' was trained on other images than data.dataset="
+                              f"{manifest['config']['data']['dataset']!r} holds now (sha256 {saved[:12]}... then, "
+                              f"{data_sha256[:12]}... now): its files changed; restore them or start a new run")
 
 
 def _undo_interrupted_swap(root: Path) -> None:
@@ -302,30 +307,44 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("iter_")), reverse=True)
 
 
-def find_resumable(run_dir: Path, cfg: Config, log=print) -> Path | None:
-    """The newest checkpoint in ``run_dir`` that verifies and fits; says so when it skips a newer one.
+def _latest_name(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except OSError:
+        return None
 
-    None when the run has no checkpoint at all; a CheckpointError when it has some but none is usable
-    (starting fresh would silently throw that work away and, through pruning, delete it).
+
+def find_resumable(run_dir: Path, cfg: Config, log=print) -> Path | None:
+    """The checkpoint ``latest`` names, or the newest older one that verifies (saying so when it skips one);
+    without ``latest`` (a first save that died before writing it), the newest that verifies.
+
+    A checkpoint newer than ``latest`` is never taken: it is a save that died before its ``latest``, which the
+    resumed run saves again, or something that does not belong to this run. None when the run has no
+    checkpoint at all; a CheckpointError when it has some but none verifies (starting fresh would silently
+    throw that work away and, through pruning, delete it), or when one is of another experiment.
     """
     found = list_checkpoints(run_dir)
+    latest = _latest_name(RunDir(run_dir).checkpoints)
+    if latest is not None:
+        for p in (p for p in found if p.name > latest):
+            log(f"warning: ignoring checkpoint {p.name}: it is newer than the one checkpoints/latest names ({latest})")
+        found = [p for p in found if p.name <= latest]
     errors = []
     for ckpt in found:
         try:
             manifest = verify_checkpoint(ckpt)
-            check_compatible(manifest, cfg, ckpt)
         except CheckpointError as e:
             errors.append(str(e))
             log(f"warning: skipping checkpoint {ckpt.name}: {e}; falling back to an older one")
             continue
+        check_compatible(manifest, cfg, ckpt)  # another experiment's: refused, never skipped
         if errors:
             log(f"warning: resuming from {ckpt.name}, the newest checkpoint that verifies "
                 f"({len(errors)} newer one(s) skipped)")
         return ckpt
     if found:
-        raise CheckpointError(f"none of the {len(found)} checkpoints in '{RunDir(run_dir).checkpoints}' verifies and "
-                              f"fits this config (newest: {errors[0]}); repair or move them away, fix the config, "
-                              "or use a new run.out_dir")
+        raise CheckpointError(f"none of the {len(found)} checkpoints in '{RunDir(run_dir).checkpoints}' verifies "
+                              f"(newest: {errors[0]}); repair or move them away, or use a new run.out_dir")
     return None
 
 
@@ -369,12 +388,7 @@ def resolve_resume(cfg: Config, log=print, restarts: int | None = None) -> Path 
             log(f"{why}: no checkpoint in {checkpoints}, starting fresh")
             return None
     if not cfg.resume:
-        existing = list_checkpoints(out)
-        if existing:
-            log(f"warning: {checkpoints} already holds checkpoints of an earlier run (newest {existing[0].name}); "
-                "this fresh run writes next to them and prunes the oldest. Use resume=auto to continue that run "
-                "or a new run.out_dir to keep them apart")
-        return None
+        return None  # a fresh start: RunDir.claim decides whether it may write into run.out_dir
     p = locate(cfg.resume)
     check_compatible(verify_checkpoint(p), cfg, p)
     return p

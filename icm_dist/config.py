@@ -37,6 +37,11 @@ class RunConfig:
     """Human-readable run name (wandb run name); defaults to the last part of ``out_dir``."""
     progress: bool = True
     """Show a progress bar with iterations/s and the latest accuracy on rank 0."""
+    overwrite: bool = False
+    """Let a fresh run start in an ``out_dir`` that holds another run's files: that run's config, metrics,
+    summary, figures and checkpoints are deleted first (other files in the directory stay). Without it such
+    a start is refused, so that no run silently destroys or mixes with another; ``resume=auto`` continues
+    the run that is there."""
 
 
 @dataclass
@@ -415,9 +420,23 @@ def config_hash(cfg: Config) -> str:
 # ``experiment``). Knobs that can change the numbers (device, train.precision, ...) still split groups.
 IGNORED_KEYS = ("seed", "run.", "resume", "tracking.", "data.root", "threads", "dist.timeout_s")
 
+# Keys that may differ between a run and its resumption: how long it trains, how it is evaluated, logged,
+# checkpointed and tracked, where its files are, and how it is launched and computed (threads, device,
+# collective timeouts, compilation, memory layout; the world size is not a key). Every other key defines
+# the experiment (data and its files, mechanisms, seed, networks, optimizers, precision, the competition's
+# rules): a resume that changed one would continue another experiment from this one's state.
+RESUMABLE_KEYS = ("train.iterations", "train.stop_when_stable", "eval.", "checkpoint.", "tracking.", "run.",
+                  "resume", "threads", "device", "dist.", "data.root", "data.source", "data.download",
+                  "train.compile", "train.channels_last")
+
+
+def _matches(key: str, patterns: tuple) -> bool:
+    """``key`` is one of ``patterns`` or lies under one that ends with a dot."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
 
 def _ignored(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORED_KEYS)
+    return _matches(key, IGNORED_KEYS)
 
 
 def experiment_config(cfg_dict: dict) -> dict:
@@ -430,6 +449,23 @@ def experiment_config(cfg_dict: dict) -> dict:
 def experiment_hash(cfg_dict: dict) -> str:
     """A short hash that runs of the same experiment (differing only in seed, out_dir, ...) share."""
     return hashlib.sha256(json.dumps(experiment_config(cfg_dict), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, this run's value)`` for every key outside :data:`RESUMABLE_KEYS` on which ``cfg``
+    differs from the config a run saved (keys that config lacks had their defaults)."""
+    defaults = flatten(to_dict(Config()))
+    old, new = {**defaults, **flatten(saved)}, flatten(to_dict(cfg))
+    return [(k, old[k], new[k]) for k in defaults if not _matches(k, RESUMABLE_KEYS) and old[k] != new[k]]
+
+
+def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 4) -> str:
+    """``saved with seed=0, expert.width=8 but this run has seed=1, expert.width=16``, for one error line."""
+    shown = changes[:limit]
+    more = f" (and {len(changes) - limit} more: {', '.join(k for k, _, _ in changes[limit:])})" \
+        if len(changes) > limit else ""
+    return (f"saved with {', '.join(f'{k}={a!r}' for k, a, _ in shown)} but this run has "
+            f"{', '.join(f'{k}={b!r}' for k, _, b in shown)}{more}")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -23,6 +23,11 @@ class CheckpointError(IcmError):
     """A checkpoint that is missing, corrupt or does not fit the run."""
 
 
+class OutputError(IcmError):
+    """An output that cannot or may not be written: a run directory holding another run, a file that
+    icm-dist did not write, a path that is not writable."""
+
+
 class LaunchError(IcmError):
     """A launch that cannot work: too many ranks, ranks that disagree."""
 

@@ -9,20 +9,27 @@ A run writes everything under ``run.out_dir`` (DESIGN.md, "The user-facing contr
     checkpoints/         iter_NNNNNNN/ and latest (their insides belong to checkpoint.py)
     generalization.json  written by ``icm-dist generalize``
     wandb_run_id         the wandb run a resumed run continues
+    wandb/               wandb's own files (offline runs)
 
-Only rank 0 writes. Commands that read a run (compare, ownership, generalize, reuse) read it here,
-so a file's name and format live in one place.
+A directory holds at most one run: a fresh run starts only where there is none (or, with
+``run.overwrite``, deletes the one there first), and a resume continues the run whose checkpoints
+are there (:meth:`RunDir.claim`). Only rank 0 writes. Commands that read a run (compare, ownership,
+generalize, reuse) read it here, so a file's name and format live in one place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from .config import Config, dump_yaml
+from .config import Config, describe_changes, dump_yaml, resume_changes
+from .errors import OutputError
+from .utils import atomic_write
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -31,6 +38,8 @@ FIGURES = "figures"
 CHECKPOINTS = "checkpoints"
 GENERALIZATION = "generalization.json"
 WANDB_RUN_ID = "wandb_run_id"
+WANDB_DIR = "wandb"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, FIGURES, CHECKPOINTS, GENERALIZATION, WANDB_RUN_ID, WANDB_DIR)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -58,7 +67,8 @@ class MetricsLog:
     def __init__(self, path: Path, rows: list[dict]):
         self.path = Path(path)
         self.rows = rows
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        text = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        atomic_write(self.path, lambda f: f.write(text))  # a crash now leaves the old history, not half of it
         self._file = open(self.path, "a")
 
     @classmethod
@@ -66,14 +76,27 @@ class MetricsLog:
         return cls(path, [])
 
     @classmethod
-    def resumed(cls, path: Path, iteration: int, saved: list | None) -> "MetricsLog":
-        """The history up to ``iteration``: rows after it are dropped, since the resumed run writes them
-        again. A directory without metrics (resuming into a new run.out_dir) starts from ``saved``,
-        the rows the checkpoint carries."""
-        if path.is_file():
-            rows = [r for r in read_jsonl(path) if r.get("iteration", 0) <= iteration]
-        else:
-            rows = [r for r in (saved if isinstance(saved, list) else []) if isinstance(r, dict)]
+    def resumed(cls, path: Path, iteration: int, saved: list | None, log=print) -> "MetricsLog":
+        """The history up to ``iteration``, which the checkpoint carries (``saved``): metrics.jsonl's rows up to
+        it where the file still holds every one of the checkpoint's (it may hold more: the final evaluation of
+        a finished run that is now taken further), else the checkpoint's rows with the file's others among
+        them, and a line saying how many were restored. Rows after ``iteration`` are dropped, since the
+        resumed run writes them again."""
+        on_disk = [r for r in read_jsonl(path) if r.get("iteration", 0) <= iteration] if path.is_file() else []
+        if not isinstance(saved, list):
+            log(f"warning: the checkpoint carries no metrics history: the {len(on_disk)} rows metrics.jsonl holds up "
+                f"to iteration {iteration} are all there is, and rows lost from it cannot be restored")
+            return cls(path, on_disk)
+        saved = [r for r in saved if isinstance(r, dict)]
+        key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731 (NaN-safe equality of rows)
+        have = {key(r) for r in on_disk}
+        missing = sum(key(r) not in have for r in saved)
+        if not missing:
+            return cls(path, on_disk)
+        known = {key(r) for r in saved}
+        rows = sorted(saved + [r for r in on_disk if key(r) not in known], key=lambda r: r.get("iteration", 0))
+        log(f"warning: {path} held {len(saved) - missing} of the {len(saved)} metric rows the checkpoint carries "
+            f"up to iteration {iteration}: restored the other {missing} from the checkpoint")
         return cls(path, rows)
 
     def append(self, row: dict) -> None:
@@ -129,21 +152,86 @@ class RunDir:
         self.figures.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(dump_yaml(cfg))
 
-    def metrics_log(self, resume_iteration: int | None = None, saved: list | None = None) -> MetricsLog:
+    def run_files(self) -> list[str]:
+        """The names of a run's files that this directory holds ([] for a new or empty directory)."""
+        return [n for n in RUN_FILES if (self.path / n).exists()] if self.path.is_dir() else []
+
+    def check_writable(self) -> None:
+        """The directory, or the nearest folder above it that exists, must be a folder this process can write
+        in; nothing is created."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"run.out_dir '{p}' is a file, not a directory: choose another run.out_dir")
+        probe = p
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise OutputError(f"run.out_dir '{p}' cannot be created: '{probe}' is a file")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise OutputError(f"run.out_dir '{p}' cannot be written ('{probe}': {e.strerror}): choose a writable "
+                              "run.out_dir") from None
+
+    def claim(self, cfg: Config, resuming_from: Path | None, restarted: bool) -> list[str]:
+        """May this run write here? The run files of another run that it must delete first (``run.overwrite``),
+        [] if none; an OutputError when the directory cannot be written or holds another run.
+
+        A run continues the run here when it resumes from a checkpoint of this directory or is a torchrun
+        restart (of itself); ``resume=auto`` that found no checkpoint starts the run here over only if its
+        config.yaml is of the same experiment (a run killed before its first checkpoint)."""
+        self.check_writable()
+        held = self.run_files()
+        if not held or restarted or (resuming_from is not None and self._holds(resuming_from)):
+            return []
+        if resuming_from is None and cfg.resume == "auto":
+            try:
+                saved = self.read_config()
+            except yaml.YAMLError:
+                saved = None
+            changes = resume_changes(saved, cfg) if isinstance(saved, dict) else None
+            if changes == []:
+                return []
+            if changes:
+                raise OutputError(f"run.out_dir '{self.path}' holds a run of another experiment (no checkpoint to "
+                                  f"resume): it was {describe_changes(changes)}; use a new run.out_dir, or "
+                                  "run.overwrite=true to delete that run first")
+        if cfg.run.overwrite:
+            return held
+        what = "resume this checkpoint into it" if resuming_from is not None else "start a fresh run in it"
+        raise OutputError(f"run.out_dir '{self.path}' holds another run ({', '.join(held)}); refusing to {what}: "
+                          "continue that run with resume=auto, use a new run.out_dir, or pass run.overwrite=true "
+                          "to delete that run first")
+
+    def _holds(self, checkpoint: Path) -> bool:
+        try:
+            return Path(checkpoint).resolve().parent == self.checkpoints.resolve()
+        except OSError:
+            return False
+
+    def clear(self, names: list[str]) -> None:
+        """Delete these run files (``run.overwrite``): another run's, before a new one starts here."""
+        for n in names:
+            p = self.path / n
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def metrics_log(self, resume_iteration: int | None = None, saved: list | None = None, log=print) -> MetricsLog:
         """The metrics history to append to: a new one, or the one a resumed run continues."""
         self.path.mkdir(parents=True, exist_ok=True)
         if resume_iteration is None:
             return MetricsLog.fresh(self.metrics_file)
-        return MetricsLog.resumed(self.metrics_file, resume_iteration, saved)
+        return MetricsLog.resumed(self.metrics_file, resume_iteration, saved, log=log)
 
     def write_summary(self, summary: dict) -> None:
         self.summary_file.write_text(json.dumps(summary, indent=1))
 
-    def write_generalization(self, result: dict, path: Path | None = None) -> Path:
-        path = Path(path) if path else self.generalization_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        return path
+    def write_generalization(self, result: dict) -> Path:
+        self.generalization_file.write_text(json.dumps(result, indent=1) + "\n")
+        return self.generalization_file
 
     # -- reading --------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from .config import Config, config_hash
 from .data.images import load_images
 from .data.protocol import build_protocol
 from .dist import Dist, ShardPlan, init_distributed
-from .errors import CheckpointError, TrainingError
+from .errors import IcmError, TrainingError
 from .evaluate import eval_metrics, evaluate, train_classifier
 from .experts import LocalExperts, copy_expert
 from .identity import identity_init
@@ -143,21 +143,26 @@ class Trainer:
         self.log = print if dist.is_main else (lambda *a, **k: None)
         self.plan = ShardPlan(cfg.expert.num, dist.world_size)  # more ranks than experts stops here, on every rank
         self.run_dir = RunDir(cfg.run.out_dir)
+        self.resumed_from, take_over = self._resolve_resume()  # before the data: a refusal costs no loading
         self._setup_data()
         self.names = self.proto.mechanisms  # the mechanisms' labels
         self._setup_models()
-        self.resumed_from = self._resolve_resume()
         self.start, self.state = 0, TrainerState(SplitState([0] * cfg.expert.num))
         manifest = {}
         if self.resumed_from is not None:
             manifest = ckpt_lib.load_into(self.resumed_from, cfg, self.experts, self.disc_module, self.disc_opt,
                                           router=self.proposer)
+            self._on_main(lambda: ckpt_lib.check_data(manifest, self.data_sha256, self.resumed_from))
             self.start = manifest["iteration"]
             self.state = TrainerState.from_json(manifest["trainer_state"], cfg.expert.num)
         metrics_log = None
         if dist.is_main:
+            if take_over:  # run.overwrite, and everything that could refuse this run has run
+                self.log(f"run.overwrite: deleting the run in {self.run_dir} ({', '.join(take_over)})")
+                self.run_dir.clear(take_over)
             self.run_dir.create(cfg)
-            metrics_log = self.run_dir.metrics_log(self.start if self.resumed_from else None, manifest.get("metrics"))
+            metrics_log = self.run_dir.metrics_log(self.start if self.resumed_from else None, manifest.get("metrics"),
+                                                   log=self.log)
             self.log(f"icm-dist: launcher {dist.launcher}, world size {dist.world_size}, experts per rank "
                      f"{self.plan.sizes}, device {dist.device}, config {config_hash(cfg)}, out_dir {self.run_dir}")
         self.tracker = make_tracker(cfg, metrics_log, resume=self.resumed_from is not None)
@@ -179,6 +184,7 @@ class Trainer:
         if not self.dist.is_main:
             images = load_images(self.cfg.data)
         self.proto = build_protocol(self.cfg, images)
+        self.data_sha256 = images.sha256() if self.dist.is_main else None  # recorded in checkpoints, checked on resume
         self.fake_x = self.proto.transformed_x.to(self.dist.device)
         self.real_x = self.proto.canonical_x.to(self.dist.device)
 
@@ -195,22 +201,34 @@ class Trainer:
         # The routed competition's router: rank 0 proposes, every rank runs what it proposed.
         self.proposer = Proposer(cfg, C, dist.device) if cfg.train.route_k is not None and dist.is_main else None
 
-    def _resolve_resume(self) -> Path | None:
-        """Rank 0 picks the checkpoint (verifying it) and tells the others, so all ranks agree."""
+    def _resolve_resume(self) -> tuple[Path | None, list[str]]:
+        """Rank 0 picks the checkpoint (verifying it) and checks that this run may write into run.out_dir, and
+        tells the others, so all ranks agree. Returns the checkpoint and the files of another run to delete
+        first (run.overwrite)."""
         # A restart of a multi-node group restarts every node's workers, but torchrun counts it only on the
         # node whose worker failed (the others restart for the new rendezvous and keep their count): the
         # group's restart count is the largest any rank sees.
         self.restarts = max(self.dist.all_gather_object(ckpt_lib.restart_count()))
-        choice, error = None, None
+
+        def decide():  # resume=auto, a path, or a torchrun restart (which resumes as auto): see resolve_resume
+            choice = ckpt_lib.resolve_resume(self.cfg, log=self.log, restarts=self.restarts)
+            return (str(choice) if choice else None), self.run_dir.claim(self.cfg, choice, self.restarts > 0)
+
+        choice, take_over = self._on_main(decide)
+        return (Path(choice) if choice else None), take_over
+
+    def _on_main(self, fn: Callable):
+        """``fn()`` on rank 0, its result on every rank; a user error it raises is raised on every rank."""
+        result, error = None, None
         if self.dist.is_main:
-            try:  # resume=auto, a path, or a torchrun restart (which resumes as auto): see checkpoint.resolve_resume
-                choice = ckpt_lib.resolve_resume(self.cfg, log=self.log, restarts=self.restarts)
-            except CheckpointError as e:
-                error = str(e)
-        choice, error = self.dist.broadcast_object((str(choice) if choice else None, error))
+            try:
+                result = fn()
+            except IcmError as e:
+                error = (type(e), str(e))  # the class travels by name, pickled
+        result, error = self.dist.broadcast_object((result, error))
         if error:
-            raise CheckpointError(error)
-        return Path(choice) if choice else None
+            raise error[0](error[1])
+        return result
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -364,7 +382,7 @@ class Trainer:
     def checkpoint(self, it: int) -> None:
         ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
                                  self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep,
-                                 router=self.proposer)
+                                 router=self.proposer, data_sha256=self.data_sha256)
 
     def finish(self, final_it: int, stopped_early: bool) -> dict | None:
         """The final evaluation on the full test budget, a last checkpoint, then (rank 0) summary and figures."""

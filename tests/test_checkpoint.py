@@ -28,7 +28,7 @@ from icm_dist import checkpoint as ck
 from icm_dist.commands import reuse
 from icm_dist.config import load_config
 from icm_dist.dist import ShardPlan
-from icm_dist.errors import CheckpointError
+from icm_dist.errors import CheckpointError, OutputError
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
 
@@ -805,5 +805,6 @@ def test_surgery_remove_add_and_train_on(run_a, tmp_path, data_root, monkeypatch
                          log=lambda *a: None)
     assert json.loads((new2 / "manifest.json").read_text())["surgery"]["removed"] == \
         [g for g in range(3) if int(wins[g]) == 0]
-    assert "already holds checkpoints" in _one_line_error(reuse.surgery, run_a, tmp_path / "s2", add=1)
+    with pytest.raises(OutputError, match="already holds checkpoints"):
+        reuse.surgery(run_a, tmp_path / "s2", add=1)
     assert "no expert" in _one_line_error(reuse.surgery, run_a, tmp_path / "s3", remove=[0, 1, 2])

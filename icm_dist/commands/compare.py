@@ -26,6 +26,11 @@ import yaml  # noqa: E402
 from ..config import experiment_config, experiment_hash  # noqa: E402
 from ..errors import IcmError  # noqa: E402
 from ..rundir import CONFIG, SUMMARY, RunDir  # noqa: E402
+from .outputs import PNG_METADATA, claim_file, image_is_ours, json_is, write_file, write_text  # noqa: E402
+
+# What --json writes: a list of groups, each with these keys (how a JSON file is known to be compare's own).
+_GROUP_KEYS = {"label", "experiment", "runs", "stats"}
+_json_is_ours = json_is(lambda d: isinstance(d, list) and all(isinstance(g, dict) and _GROUP_KEYS <= set(g) for g in d))
 
 
 class CompareError(IcmError):
@@ -221,17 +226,20 @@ def plot(runs: list[dict], groups: list[dict], path: Path) -> Path:
     ax2.set_ylabel("mechanisms captured")
     ax2.set_title("captured mechanisms per run")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata=PNG_METADATA))
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def compare(run_dirs: list[str], out_png: str | Path | None = "comparison.png", json_path: str | Path | None = None,
-            strict: bool = False, stream=None) -> list[dict]:
+            strict: bool = False, stream=None, force: bool = False) -> list[dict]:
     """Load, group, print the table, write the PNG (and JSON if asked). Unfinished runs are skipped
-    with a note unless ``strict``; no finished run at all is an error."""
+    with a note unless ``strict``; no finished run at all is an error. An existing PNG or JSON that
+    icm-dist did not write is replaced only with ``force``."""
+    if out_png:
+        claim_file(out_png, image_is_ours, force)
+    if json_path:
+        claim_file(json_path, _json_is_ours, force, flag="--json")
     runs = []
     for d in run_dirs:
         try:
@@ -249,7 +257,7 @@ def compare(run_dirs: list[str], out_png: str | Path | None = "comparison.png", 
         p = plot(runs, groups, Path(out_png))
         print(f"plots: {p}", file=stream)
     if json_path:
-        Path(json_path).write_text(json.dumps(groups, indent=1))
+        write_text(Path(json_path), json.dumps(groups, indent=1), flag="--json")
     return groups
 
 
@@ -257,7 +265,8 @@ def compare(run_dirs: list[str], out_png: str | Path | None = "comparison.png", 
 
 
 def _run(args) -> int:
-    compare(args.run_dirs, out_png=None if args.no_plot else args.out, json_path=args.json, strict=args.strict)
+    compare(args.run_dirs, out_png=None if args.no_plot else args.out, json_path=args.json, strict=args.strict,
+            force=args.force)
     return 0
 
 
@@ -274,5 +283,6 @@ def add_parser(sub) -> None:
     c.add_argument("--out", "-o", default="comparison.png", help="PNG with the comparison plots (default: %(default)s)")
     c.add_argument("--no-plot", action="store_true", help="print the table only")
     c.add_argument("--json", metavar="PATH", help="also write the groups and their statistics as JSON")
+    c.add_argument("--force", action="store_true", help="replace --out and --json even if icm-dist did not write them")
     c.add_argument("--strict", action="store_true", help="fail on an unfinished run instead of skipping it")
     c.set_defaults(func=_run)

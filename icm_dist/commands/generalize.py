@@ -26,6 +26,7 @@ callables, so it is tested with exact inverse functions standing in for experts.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -43,7 +44,10 @@ from ..data.mechanisms import SHIFT_PIXELS, Mechanism  # noqa: E402
 from ..data.symbols import load_symbols  # noqa: E402
 from ..errors import CheckpointError, ConfigError  # noqa: E402
 from ..rundir import RunDir  # noqa: E402
+from .outputs import claim_file, json_is, write_text  # noqa: E402
 from .reuse import load_expert, open_source  # noqa: E402
+
+_json_is_ours = json_is(lambda d: isinstance(d, dict) and {"generalization", "composition"} <= set(d))
 
 Fn = Callable[[Tensor], Tensor]
 
@@ -292,11 +296,14 @@ def composition_png(images: Sequence[Tensor], row_labels: Sequence[str], path: P
 
 def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
                chain: Sequence[str] = DEFAULT_CHAIN, source: str = "auto", symbols_root: str | None = None,
-               symbol_seed: int = 0, batch: int = 100, log=print) -> dict:
-    """Figures 7 and 8 for a finished run: numbers to ``out`` (default RUN_DIR/generalization.json),
-    figures to RUN_DIR/figures/. Returns the numbers."""
+               symbol_seed: int = 0, batch: int = 100, log=print, force: bool = False) -> dict:
+    """Figures 7 and 8 for a finished run: numbers to ``out`` (default RUN_DIR/generalization.json; a file
+    elsewhere that icm-dist did not write is replaced only with ``force``), figures to RUN_DIR/figures/.
+    Returns the numbers."""
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
+    if out is not None:
+        claim_file(out, _json_is_ours, force)
     run = RunDir(run_dir)
     src, modules = load_run(run.path)
     if any(e.channels != 1 for e in modules):
@@ -328,7 +335,8 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
     undo = _undo_experts(src.summary, names, captured, chain)
     result["composition"], result["figures"]["composition"] = _composition(
         chain, undo, names, experts, sym.images, seed, batch, figs / FIG8_FILE, table)
-    path = run.write_generalization(result, out)
+    path = run.write_generalization(result) if out is None else \
+        write_text(Path(out), json.dumps(result, indent=1) + "\n")
     result["json"] = str(path)
     _report(result, log)
     return result
@@ -394,7 +402,7 @@ def _report(result: dict, log) -> None:
 def _run(args) -> int:
     chain = tuple(c.strip() for c in args.chain.split(",") if c.strip())
     generalize(args.run_dir, n=args.n, out=args.out, chain=chain, source=args.source,
-               symbols_root=args.symbols_root, symbol_seed=args.symbol_seed, batch=args.batch,
+               symbols_root=args.symbols_root, symbol_seed=args.symbol_seed, batch=args.batch, force=args.force,
                log=lambda m: print(m, flush=True, file=sys.stdout))
     return 0
 
@@ -412,6 +420,7 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's run.out_dir")
     p.add_argument("--n", type=int, default=200, help="number of symbols (default: %(default)s)")
     p.add_argument("--out", "-o", help="JSON with all numbers (default: RUN_DIR/generalization.json)")
+    p.add_argument("--force", action="store_true", help="replace --out even if icm-dist did not write it")
     p.add_argument("--chain", default=",".join(DEFAULT_CHAIN),
                    help="mechanisms applied in this order for Figure 8, undone in reverse (default: %(default)s)")
     p.add_argument("--source", choices=("auto", "omniglot", "fonts"), default="auto",

@@ -19,7 +19,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -31,14 +30,25 @@ from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
 from ..data.protocol import build_protocol
 from ..dist import Dist, ShardPlan
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, OutputError
 from ..evaluate import run_committee
 from ..experts import LocalExperts
 from ..identity import identity_init
 from ..models import Expert, make_discriminator
 from ..rundir import RunDir
+from .outputs import (
+    claim_file,
+    claim_folder,
+    image_is_ours,
+    json_is,
+    safetensors_is_ours,
+    save_marked_image,
+    write_file,
+    write_text,
+)
 
 MODULE_FORMAT = "icm-dist-expert-module/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what apply reads from a folder, and writes back under the same names
 NORMS = {"batch": "BatchNorm2d (eval: running stats, eps 1e-5)", "none": "no norm (the conv has a bias)",
          "group": "GroupNorm(groups, eps 1e-5)", "instance": "GroupNorm(width groups, eps 1e-5)",
          "layer": "GroupNorm(1 group, eps 1e-5)"}
@@ -160,7 +170,8 @@ def win_rates(src: Source, gid: int) -> dict | None:
 # ----------------------------------------------------------------------------- export
 
 
-def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
+def export_expert(source: str | Path, out: str | Path, expert: str, force: bool = False) -> Path:
+    out = claim_file(out, safetensors_is_ours, force)
     src = open_source(source)
     gid = expert_for(src, expert)
     e = load_expert(src, gid)  # validates shapes
@@ -185,12 +196,7 @@ def export_expert(source: str | Path, out: str | Path, expert: str) -> Path:
         "iteration": str(src.manifest["iteration"]),
         "config_hash": config_hash(src.cfg),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    ck.save_tensors(e.state_dict(), tmp, meta)
-    os.replace(tmp, out)
-    return out
+    return write_file(out, lambda tmp: ck.save_tensors(e.state_dict(), tmp, meta))
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -208,7 +214,7 @@ def read_inputs(path: str | Path, key: str | None = None, channels: int = 1,
     """
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise CheckpointError(f"input folder '{p}' holds no .png or .jpg files")
         imgs = []
@@ -259,21 +265,39 @@ def _as_images(x: torch.Tensor, channels: int, where: str, log) -> torch.Tensor:
     return x
 
 
+APPLY_FORMAT = "icm-dist-apply/1"
+APPLY_REPORT = "apply.json"
+_apply_report_is_ours = json_is(lambda d: isinstance(d, dict) and d.get("format") == APPLY_FORMAT)
+
+
+def _apply_output_is_ours(path: Path) -> bool:
+    return _apply_report_is_ours(path) if path.name == APPLY_REPORT else image_is_ours(path)
+
+
+def claim_outputs(out: str | Path, inputs: str | Path, force: bool = False) -> Path:
+    """Where ``apply`` will write (a folder of PNGs for a folder of images, else a safetensors file), checked
+    before any work: see commands/outputs.py."""
+    if Path(inputs).is_dir():
+        names = sorted(p.name for p in Path(inputs).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return claim_folder(out, [*names, APPLY_REPORT], _apply_output_is_ours, force)
+    return claim_file(out, safetensors_is_ours, force)
+
+
 def write_outputs(out: str | Path, y: torch.Tensor, names: list[str] | None, extra: dict, info: dict) -> Path:
     """PNGs with the input names into folder ``out`` (input was a folder), else a safetensors file."""
     out = Path(out)
+    info = {"format": APPLY_FORMAT, **info}
     if names is not None:
         out.mkdir(parents=True, exist_ok=True)
         u8 = to_uint8(y).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
         for name, img in zip(names, u8):
-            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / name)
+            im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+            write_file(out / name, lambda tmp, im=im, name=name: save_marked_image(im, tmp, Path(name).suffix))
         report = {"inputs": names, **info, **{k: v.tolist() for k, v in extra.items()}}
-        (out / "apply.json").write_text(json.dumps(report, indent=1))
+        write_text(out / APPLY_REPORT, json.dumps(report, indent=1))
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        ck.save_tensors({"images": y, **extra}, tmp, {k: json.dumps(v) for k, v in info.items()})
-        os.replace(tmp, out)
+        meta = {k: v if k == "format" else json.dumps(v) for k, v in info.items()}
+        write_file(out, lambda tmp: ck.save_tensors({"images": y, **extra}, tmp, meta))
     return out
 
 
@@ -342,7 +366,8 @@ def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[Expert], l
 
 
 def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[str] | None = None,
-          key: str | None = None) -> dict:
+          key: str | None = None, force: bool = False) -> dict:
+    claim_outputs(out, inputs, force)
     if chain is None and Path(source).is_file():
         chain = [str(source)]  # an exported expert on its own: apply it
     if chain:
@@ -385,9 +410,14 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
     """Write ``out_dir/checkpoints/iter_N`` (the committee after surgery) and ``out_dir/config.yaml``."""
     src = open_source(source)
     cfg, N, it0 = src.cfg, src.cfg.expert.num, src.manifest["iteration"]
-    out_dir = Path(out_dir)
-    if ck.list_checkpoints(out_dir):
-        raise CheckpointError(f"'{out_dir}' already holds checkpoints; surgery writes into a new run directory")
+    out_dir = RunDir(out_dir)
+    out_dir.check_writable()
+    held = out_dir.run_files()
+    if held:
+        what = "checkpoints" if "checkpoints" in held else "a run's files"
+        raise OutputError(f"--out '{out_dir}' already holds {what} ({', '.join(held)}); surgery writes into a new "
+                          "run directory")
+    out_dir = out_dir.path
     bad = [g for g in remove if not 0 <= g < N]
     if bad:
         raise CheckpointError(f"--remove names experts {bad}, but the committee has experts 0..{N - 1}")
@@ -465,14 +495,14 @@ def _ids(text: str) -> list[int]:
 
 
 def _cmd_export(args) -> int:
-    path = export_expert(args.source, args.out, args.expert)
+    path = export_expert(args.source, args.out, args.expert, force=args.force)
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_apply(args) -> int:
     chain = [c for c in args.chain.split(",") if c.strip()] if args.chain else None
-    res = apply(args.source, args.inputs, args.out, chain=chain, key=args.key)
+    res = apply(args.source, args.inputs, args.out, chain=chain, key=args.key, force=args.force)
     how = f"chain {res['chain']}" if res["mode"] == "chain" else "the committee"
     print(f"restored {res['restored'].shape[0]} inputs with {how}; wrote {args.out}")
     return 0
@@ -492,6 +522,7 @@ def add_subcommands(sub) -> None:
     e.add_argument("source", help="a run directory, its checkpoints/ directory, or one checkpoint directory")
     e.add_argument("--expert", required=True, help="expert id (3 or e3) or the mechanism it captured (e.g. invert)")
     e.add_argument("--out", "-o", required=True, help="output .safetensors file")
+    e.add_argument("--force", action="store_true", help="replace --out even if icm-dist did not write it")
     e.set_defaults(func=_cmd_export)
 
     a = sub.add_parser("apply", help="restore PNG images or a tensor file with the committee or a chain of experts")
@@ -501,6 +532,7 @@ def add_subcommands(sub) -> None:
     a.add_argument("--chain", help="comma-separated experts applied in order: ids, captured mechanism names or "
                                    "exported .safetensors files (default: the committee picks per input)")
     a.add_argument("--key", help="tensor name in a .safetensors input (default: 'images')")
+    a.add_argument("--force", action="store_true", help="replace files in --out even if icm-dist did not write them")
     a.set_defaults(func=_cmd_apply)
 
     s = sub.add_parser("surgery", help="remove / add experts and write a checkpoint that resume= continues from")

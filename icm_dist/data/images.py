@@ -77,6 +77,15 @@ class ImageData:
     def channels(self) -> int:
         return int(self.train_x.shape[1])
 
+    def sha256(self) -> str:
+        """A digest of every image, label and class name: checkpoints record it, so that a resume can tell
+        that a data set's files changed under a run."""
+        h = hashlib.sha256(json.dumps([self.source, self.classes]).encode())
+        for t in (self.train_x, self.train_labels, self.test_x, self.test_labels):
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(memoryview(t.contiguous().numpy()).cast("B"))
+        return h.hexdigest()
+
 
 # ----------------------------------------------------------------------------- size and colour
 
