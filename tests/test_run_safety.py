@@ -42,7 +42,8 @@ def sh(cmd: list[str], **env) -> subprocess.CompletedProcess:
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, f"exit {r.returncode}\n--- stdout ---\n{r.stdout[-4000:]}\n--- stderr ---\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, (f"exit {r.returncode}\n--- stdout ---\n{r.stdout[-4000:]}\n"
+                               f"--- stderr ---\n{r.stderr[-4000:]}")
     return r
 
 
@@ -130,7 +131,7 @@ def test_every_key_outside_the_resumable_ones_is_compared():
     """resume_changes sees a change of every config key except RESUMABLE_KEYS (a new key is covered from
     the day it is added), and a saved config without a key compares as its default."""
     base = to_dict(Config())
-    for key, value in flatten(base).items():
+    for key in flatten(base):
         changed = json.loads(json.dumps(base))
         *path, last = key.split(".")
         d = changed
