@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,5 @@ def test_start_up_line_names_the_precision_and_what_it_promises(tmp_path, data_r
     picked = resolve_precision(precision, torch.device("cpu"))
     promise = STARTUP_PROMISES[picked]
     assert f"world size 1, experts per rank [3], {promise}, device cpu" in line, line
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert promise in readme, "the README quotes the start-up line's promise word for word"
