@@ -62,6 +62,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if _cpu_has_bf16() else "fp32"
 
 
+def world_size_promise(precision: str, device: torch.device) -> str:
+    """What a run in ``precision`` (resolved) promises across world sizes, as the trainer's start-up line says it
+    (the README says the same, docs/testing.md what pins it).
+
+    bf16: every rank rounds its own partial sums (D's weight gradients are bf16 before DDP adds the ranks'
+    shares), so another world size rounds differently and near-equal scores can swap winners. CUDA: fp32
+    convolutions run in TF32 (torch's cuDNN default) and cuDNN picks its algorithms; nothing is measured there."""
+    if device.type == "cuda":
+        return f"precision {precision} (world-size invariance is tested on CPUs only; on CUDA winners may differ)"
+    if precision == "fp32":
+        return "precision fp32 (the same winners at every world size)"
+    return ("precision bf16 (winners may differ across world sizes where scores are within bf16 rounding; "
+            "train.precision=fp32 for world-size invariance)")
+
+
 def autocast(device: torch.device, precision: str):
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -27,6 +27,7 @@ from .evaluate import eval_metrics, evaluate, train_classifier
 from .experts import LocalExperts, copy_expert
 from .identity import identity_init
 from .models import make_discriminator
+from .precision import resolve_precision, world_size_promise
 from .rng import sample_indices
 from .router import Proposer
 from .routing import plan_splits
@@ -163,8 +164,10 @@ class Trainer:
             self.run_dir.create(cfg)
             metrics_log = self.run_dir.metrics_log(self.start if self.resumed_from else None, manifest.get("metrics"),
                                                    log=self.log)
+            promise = world_size_promise(resolve_precision(cfg.train.precision, dist.device), dist.device)
             self.log(f"icm-dist: launcher {dist.launcher}, world size {dist.world_size}, experts per rank "
-                     f"{self.plan.sizes}, device {dist.device}, config {config_hash(cfg)}, out_dir {self.run_dir}")
+                     f"{self.plan.sizes}, {promise}, device {dist.device}, config {config_hash(cfg)}, "
+                     f"out_dir {self.run_dir}")
         self.tracker = make_tracker(cfg, metrics_log, resume=self.resumed_from is not None)
         self.classifier = train_classifier(cfg, self.proto, dist.device, log=self.log) if dist.is_main else None
         self.fixed_verdicts: dict = {}  # the classifier on the transformed and original probe digits, computed once

@@ -136,3 +136,10 @@ def test_auto_precision_is_fp32_where_aten_dispatches_below_avx512():
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
     capability, picked = out.stdout.splitlines()[-2:]
     assert not capability.startswith("AVX512") and picked == "fp32"
+
+
+@pytest.mark.parametrize("picked", ["fp32", "bf16"])
+def test_on_cuda_the_start_up_line_claims_no_world_size_invariance(picked):
+    """Nothing is measured on GPUs (fp32 convolutions run in TF32 there by torch's default): the line says so."""
+    text = precision.world_size_promise(picked, torch.device("cuda"))
+    assert text == f"precision {picked} (world-size invariance is tested on CPUs only; on CUDA winners may differ)"

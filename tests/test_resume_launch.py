@@ -17,8 +17,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from procs import run
 from safetensors.torch import load_file
+
+from icm_dist.precision import resolve_precision, world_size_promise
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "launch" / "train.py")
@@ -74,6 +77,8 @@ def test_sigkill_one_worker_torchrun_restarts_and_finishes_bitwise(reference, tm
     # error file (launch/train.py runs under @record) can date its gloo error to a second before the
     # one in which torchrun noticed rank 1's death.
     assert "test hook: rank 1 SIGKILLs itself after iteration 13" in log
+    cpu = torch.device("cpu")  # the start-up line says what `auto` picked here and what that promises
+    assert f"world size 2, experts per rank [2, 1], {world_size_promise(resolve_precision('auto', cpu), cpu)}" in log
     assert "failed (exitcode:" in log  # torchrun saw the group fail
     assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
     assert json.loads((out / "summary.json").read_text())["iterations"] == 20
