@@ -22,14 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from .config import Config, describe_changes, dump_yaml, resume_changes
 from .errors import OutputError
-from .utils import atomic_write
+from .utils import atomic_write, check_writable_folder
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -159,20 +158,9 @@ class RunDir:
     def check_writable(self) -> None:
         """The directory, or the nearest folder above it that exists, must be a folder this process can write
         in; nothing is created."""
-        p = self.path
-        if p.exists() and not p.is_dir():
-            raise OutputError(f"run.out_dir '{p}' is a file, not a directory: choose another run.out_dir")
-        probe = p
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir():
-            raise OutputError(f"run.out_dir '{p}' cannot be created: '{probe}' is a file")
-        try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
-        except OSError as e:
-            raise OutputError(f"run.out_dir '{p}' cannot be written ('{probe}': {e.strerror}): choose a writable "
-                              "run.out_dir") from None
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputError(f"run.out_dir '{self.path}' is a file, not a directory: choose another run.out_dir")
+        check_writable_folder(self.path, f"run.out_dir '{self.path}'")
 
     def claim(self, cfg: Config, resuming_from: Path | None, restarted: bool) -> list[str]:
         """May this run write here? The run files of another run that it must delete first (``run.overwrite``),

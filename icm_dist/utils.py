@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import OutputError
+
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
@@ -48,3 +50,18 @@ def atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable_folder(folder: Path, name: str) -> None:
+    """``folder``, or the nearest folder above it that exists, can be written in (``name``: what the user called
+    the path, for the one-line OutputError); nothing is created."""
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputError(f"{name} cannot be created: '{probe}' is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise OutputError(f"{name} cannot be written ('{probe}': {e.strerror})") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from safetensors import safe_open
 
 from ..errors import OutputError
+from ..utils import check_writable_folder
 
 MARK = "icm-dist"
 PNG_METADATA = {"Software": MARK}  # for matplotlib's savefig(metadata=...)
@@ -65,22 +65,6 @@ def json_is(predicate: Callable[[object], bool]) -> Callable[[Path], bool]:
     return ours
 
 
-def _writable_folder(path: Path, flag: str, target: Path | None = None) -> None:
-    """``path`` (a folder to write in, for ``target``) or the nearest existing folder above it can be written
-    in; nothing is created."""
-    target = path if target is None else target
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputError(f"{flag} '{target}' cannot be created: '{probe}' is a file")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise OutputError(f"{flag} '{target}' cannot be written ('{probe}': {e.strerror})") from None
-
-
 def _refuse(path: Path, flag: str, what: str) -> OutputError:
     return OutputError(f"{flag} '{path}' {what}, which icm-dist did not write: refusing to replace it (pass "
                        "--force to replace it, or choose another path)")
@@ -92,7 +76,7 @@ def claim_file(path: str | Path, ours: Callable[[Path], bool], force: bool = Fal
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} '{path}' is a folder; this command writes a file: name the file")
-    _writable_folder(path.parent, flag, path)
+    check_writable_folder(path.parent, f"{flag} '{path}'")
     if path.exists() and not force and not ours(path):
         raise _refuse(path, flag, "exists")
     return path
@@ -105,7 +89,7 @@ def claim_folder(path: str | Path, names: list[str], ours: Callable[[Path], bool
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{flag} '{path}' is a file; this command writes a folder of images: name a folder")
-    _writable_folder(path, flag)
+    check_writable_folder(path, f"{flag} '{path}'")
     if not force:
         foreign = [n for n in names if (path / n).exists() and not ours(path / n)]
         if foreign:
