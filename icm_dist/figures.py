@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def share_label(v: float) -> str:
+    """A share in [0, 1] as a cell label: ``.37``, and ``1`` for a share that rounds to 1 (not ``.00``)."""
+    text = f"{v:.2f}"
+    return "1" if text == "1.00" else text[1:]
+
+
 def win_matrix_png(wm_MN: torch.Tensor, names: list[str], path: Path, title: str = "") -> Path:
     """Figure 5: the fraction of each mechanism's test examples won by each expert.
 
@@ -27,7 +33,7 @@ def win_matrix_png(wm_MN: torch.Tensor, names: list[str], path: Path, title: str
         for e in range(N):
             v = float(wm_MN[m, e])
             if v >= 0.05:
-                ax.text(e, m, f"{v:.2f}"[1:] if v < 1 else "1", ha="center", va="center", fontsize=6,
+                ax.text(e, m, share_label(v), ha="center", va="center", fontsize=6,
                         color="black" if v > 0.5 else "white")
     fig.colorbar(im, ax=ax, fraction=0.03)
     ax.set_title(title or "share of each mechanism won by each expert", fontsize=9)

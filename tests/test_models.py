@@ -143,3 +143,9 @@ def test_on_cuda_the_start_up_line_claims_no_world_size_invariance(picked):
     """Nothing is measured on GPUs (fp32 convolutions run in TF32 there by torch's default): the line says so."""
     text = precision.world_size_promise(picked, torch.device("cuda"))
     assert text == f"precision {picked} (world-size invariance is tested on CPUs only; on CUDA winners may differ)"
+
+
+def test_win_matrix_labels_read_as_their_values():
+    from icm_dist.figures import share_label
+
+    assert [share_label(v) for v in (0.05, 0.374, 0.994, 0.996, 0.999, 1.0)] == [".05", ".37", ".99", "1", "1", "1"]
