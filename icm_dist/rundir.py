@@ -1,6 +1,6 @@
 """The run directory: every path in it, its one writer and its readers.
 
-A run writes everything under ``run.out_dir`` (DESIGN.md, "The user-facing contract")::
+A run writes everything under ``run.out_dir`` (the README, "What a run gives you")::
 
     config.yaml          the resolved config
     metrics.jsonl        one JSON object per logged iteration (identity-init progress at iteration 0)

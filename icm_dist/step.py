@@ -1,10 +1,11 @@
 """One step of Algorithm 1 with the experts sharded across ranks (the fast path).
 
-The contract (DESIGN.md, "The step"): every rank sees the same global batches; each rank runs its
-own experts on all of them; the scores are all-gathered into ``[B, N]`` so every rank knows every
-winner; D (replicated, DDP) learns equation (3) from every expert's output; each expert learns only
-from the examples it won, through D as it was when the scores were taken; an expert that won
-nothing stays bitwise unchanged (weights, BatchNorm buffers, Adam moments and step).
+The contract (docs/architecture.md, "One step, top to bottom"): every rank sees the same global
+batches; each rank runs its own experts on all of them; the scores are all-gathered into ``[B, N]``
+so every rank knows every winner; D (replicated, DDP) learns equation (3) from every expert's
+output; each expert learns only from the examples it won, through D as it was when the scores
+were taken; an expert that won nothing stays bitwise unchanged (weights, BatchNorm buffers, Adam
+moments and step).
 
 Fast means: the experts run batched (one grouped convolution per layer), one D pass both scores
 the experts and builds D's update, and D's backward for the experts runs only on the winners'
