@@ -296,9 +296,9 @@ def main(argv=None) -> int:
         p.error("--experts must be at least 2 (the 2-process run needs an expert per rank)")
 
     from icm_dist.config import load_config
-    from icm_dist.data.protocol import build_protocol
     from icm_dist.models import make_discriminator, num_params
     from icm_dist.precision import describe_cpu
+    from icm_dist.protocol import build_protocol
     from icm_dist.rng import sample_indices
 
     torch.set_num_threads(1)

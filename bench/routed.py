@@ -36,11 +36,11 @@ sys.path.insert(0, str(REPO))
 
 from bench.step import sync  # noqa: E402
 from icm_dist.config import load_config  # noqa: E402
-from icm_dist.data.protocol import build_protocol  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
+from icm_dist.protocol import build_protocol  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.routing import route_candidates  # noqa: E402
 from icm_dist.step import competition_step  # noqa: E402

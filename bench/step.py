@@ -34,13 +34,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from icm_dist.config import apply_override, load_config  # noqa: E402
-from icm_dist.data.protocol import build_protocol  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import run_committee  # noqa: E402
 from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.identity import identity_init  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
+from icm_dist.protocol import build_protocol  # noqa: E402
 from icm_dist.reference import reference_step  # noqa: E402
 from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.step import competition_step, expert_backward  # noqa: E402

@@ -363,6 +363,14 @@ def _merge(obj, data: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_type(prefix + key, value, hints[key]))
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's complaint on one line, with the line and column where it noticed it."""
+    problem = getattr(e, "problem", None) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
+
+
 def apply_override(cfg: Config, override: str) -> None:
     """Apply one ``a.b.c=value`` override; the value is parsed as a YAML scalar (or list)."""
     if "=" not in override:
@@ -371,7 +379,7 @@ def apply_override(cfg: Config, override: str) -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{override}': value is not valid YAML ({e})") from None
+        raise ConfigError(f"override '{override}': value is not valid YAML ({_yaml_problem(e)})") from None
     nested: Any = value
     for part in reversed(path.strip().split(".")):
         nested = {part: nested}
@@ -388,7 +396,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple | list = ())
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{p}' is not valid YAML: {_yaml_problem(e)}") from None
         _merge(cfg, data)
     for o in overrides:
         apply_override(cfg, o)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from .config import Config, config_hash
-from .errors import LaunchError
+from .errors import LaunchError, on_every_rank
 
 # ----------------------------------------------------------------------------- the shard plan
 
@@ -30,9 +30,9 @@ class ShardPlan:
 
     def __post_init__(self):
         if self.world_size > self.num_experts:
-            raise LaunchError(
+            raise on_every_rank(LaunchError(
                 f"{self.world_size} ranks but only {self.num_experts} experts: every rank must own at least one "
-                f"expert; launch at most {self.num_experts} processes or raise expert.num")
+                f"expert; launch at most {self.num_experts} processes or raise expert.num"))
 
     @property
     def sizes(self) -> list[int]:

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .config import Config
-from .data.protocol import Protocol
 from .dist import Dist, ShardPlan
 from .experts import LocalExperts
 from .models import Classifier
 from .precision import autocast
+from .protocol import Protocol
 from .rng import generator, seeded
 from .routing import settle_winners
 

@@ -20,14 +20,14 @@ from . import checkpoint as ckpt_lib
 from . import figures
 from .config import Config, config_hash
 from .data.images import load_images
-from .data.protocol import build_protocol
 from .dist import Dist, ShardPlan, init_distributed
-from .errors import IcmError, TrainingError
+from .errors import IcmError, TrainingError, on_every_rank
 from .evaluate import eval_metrics, evaluate, train_classifier
 from .experts import LocalExperts, copy_expert
 from .identity import identity_init
 from .models import make_discriminator
 from .precision import resolve_precision, world_size_promise
+from .protocol import build_protocol
 from .rng import sample_indices
 from .router import Proposer
 from .routing import plan_splits
@@ -183,6 +183,7 @@ class Trainer:
         # Rank 0 may have to build the safetensors cache; the others wait and then read it.
         if self.dist.is_main:
             images = load_images(self.cfg.data)
+            self.log(images.describe())
         self.dist.barrier()
         if not self.dist.is_main:
             images = load_images(self.cfg.data)
@@ -230,7 +231,7 @@ class Trainer:
                 error = (type(e), str(e))  # the class travels by name, pickled
         result, error = self.dist.broadcast_object((result, error))
         if error:
-            raise error[0](error[1])
+            raise on_every_rank(error[0](error[1]))
         return result
 
     # -- the loop ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@
 #   OMP_NUM_THREADS  threads per process; default: this node's CPU cores / NPROC (at least 1)
 #   RDZV_ID          rendezvous id shared by the nodes of one job (default: $SLURM_JOB_ID or icm-dist)
 #   MAX_RESTARTS     torchrun --max-restarts (default 0); a restarted group resumes from the last checkpoint
-#   PYTHON           the interpreter that runs torch.distributed.run (default: python)
+#   PYTHON           the interpreter that runs torchrun's launcher (default: python)
 #   DRY_RUN=1        print the command instead of running it
 set -euo pipefail
 
@@ -55,6 +55,7 @@ shift
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 train="$here/train.py"
+agent="$here/torchrun_agent.py"  # torch.distributed.run, ending on a user error without a traceback
 
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     cores="$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
@@ -62,7 +63,7 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
 fi
 
-cmd=("${PYTHON:-python}" -m torch.distributed.run --nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}")
+cmd=("${PYTHON:-python}" "$agent" --nproc_per_node="$nproc" --max_restarts="${MAX_RESTARTS:-0}")
 if [[ "$nnodes" == 1 ]]; then
     cmd+=(--standalone)
 else

@@ -34,11 +34,11 @@ from safetensors.torch import save_file  # noqa: E402
 from icm_dist import checkpoint as ck  # noqa: E402
 from icm_dist.commands import reuse  # noqa: E402
 from icm_dist.commands.cli import main as cli_main  # noqa: E402
-from icm_dist.data.protocol import build_protocol  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import evaluate, run_committee, train_classifier  # noqa: E402
 from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.models import make_discriminator  # noqa: E402
+from icm_dist.protocol import build_protocol  # noqa: E402
 
 
 def evaluate_phase(rank: int, world: int, port: int, ckpt: Path, out: Path, n: int, cache: dict) -> None:

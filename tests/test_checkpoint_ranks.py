@@ -110,7 +110,7 @@ def ref(launched):
 def proto(ref):
     """The reference run's protocol (its transformed test digits)."""
     from icm_dist.commands import reuse
-    from icm_dist.data.protocol import build_protocol
+    from icm_dist.protocol import build_protocol
 
     return build_protocol(reuse.open_source(ref / "checkpoints/iter_0000020", verify=False).cfg)
 

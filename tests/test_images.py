@@ -178,3 +178,32 @@ def test_a_gzip_only_torchvision_file_is_not_mistaken_for_data(tmp_path):
     with pytest.raises(DataError, match="missing"):
         load_images(DataConfig(dataset="torchvision:FashionMNIST", root=str(tmp_path)))
     assert os.listdir(tmp_path) == ["FashionMNIST"]  # no cache written for a failed read
+
+
+def test_the_census_counts_near_blank_and_repeated_images(tmp_path):
+    """A faulty renderer's near-blank images (a few specks) and exact copies are counted at load, with a warning
+    once they are more than 1% of the images; clean digits-like images count as neither."""
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        for i in range(50):
+            a = np.zeros((16, 16), np.uint8)
+            if i < 7:  # 14% nearly blank: two specks
+                a[3, 4] = a[9, 9] = 255
+            else:
+                a[4:12, 4:12] = rng.integers(60, 256, (8, 8), dtype=np.uint8)
+            _png(tmp_path / "f" / c / f"{i}.png", a)
+    _png(tmp_path / "f" / "a" / "copy.png", np.asarray(Image.open(tmp_path / "f" / "a" / "20.png")))
+    d = load_images(DataConfig(dataset=f"folder:{tmp_path / 'f'}", image_size=16, root=str(tmp_path / "cache")))
+    assert d.census() == {"train": 87, "test": 14, "classes": 2, "near_blank": 14, "duplicates": 14}  # specks, a copy
+    line = d.describe()
+    assert "14 hold almost nothing, 14 repeat another exactly (warning: 14% of the images" in line
+    clean = load_images(DataConfig(dataset="symbols", symbol_classes=2, image_size=32, root=str(tmp_path / "c2")))
+    c = clean.census()
+    assert c["near_blank"] == 0 and "warning" not in clean.describe()
+
+
+def test_one_class_is_refused(tmp_path):
+    for i in range(4):
+        _png(tmp_path / "f" / "only" / f"{i}.png", np.full((8, 8), 40 * i, np.uint8))
+    with pytest.raises(DataError, match="has one class \\('only'\\)"):
+        load_images(DataConfig(dataset=f"folder:{tmp_path / 'f'}", root=str(tmp_path / "cache")))

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from icm_dist import checkpoint as ck
 from icm_dist.commands.reuse import load_module_file
 from icm_dist.config import load_config, to_dict
-from icm_dist.data.protocol import build_protocol
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import LocalExperts
 from icm_dist.models import Expert, ExpertBank, make_discriminator, make_expert
+from icm_dist.protocol import build_protocol
 from icm_dist.rng import sample_indices
 from icm_dist.step import competition_step, expert_backward
 

@@ -25,9 +25,9 @@ from test_norms import _batches, _cfg, _one_step
 from test_policies import _train as train_ranks
 
 from icm_dist import checkpoint as ck
-from icm_dist.data.protocol import build_protocol
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
+from icm_dist.protocol import build_protocol
 from icm_dist.router import RECALL_WEIGHT, Proposer
 from icm_dist.routing import route_candidates, routed_iteration
 

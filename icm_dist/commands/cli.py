@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 
 from ..config import load_config
-from ..errors import IcmError
+from ..errors import USER_ERROR, IcmError
 from ..faults import kill_after_iteration_from_env
 from ..trainer import train
+from .args import Parser
 from .compare import add_parser as add_compare_parser
 from .generalize import add_parser as add_generalize_parser  # Figures 7 and 8 on unseen symbols
 from .ownership import add_parser as add_ownership_parser  # who leads which mechanism, over training
@@ -23,7 +27,7 @@ def _train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="icm-dist", description="Learning independent causal mechanisms, sharded.")
+    p = Parser(prog="icm-dist", description="Learning independent causal mechanisms, sharded.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a committee (python, torchrun or accelerate launch)")
     t.add_argument("--config", "-c", help="YAML config (configs/*.yaml)")
@@ -41,8 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except IcmError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        report_user_error(e)
+        return USER_ERROR
+
+
+def report_user_error(e: IcmError) -> None:
+    """``error: <message>`` once per launch. Under torchrun the line also goes to the worker's error file,
+    where torchrun's failure report (and launch/torchrun_agent.py, which then prints it instead) finds it;
+    an error that every rank raises alike is printed by rank 0 alone."""
+    line = f"error: {e}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with open(error_file, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+        if os.environ.get("ICM_DIST_AGENT") == "1":
+            return
+    if not (e.same_on_every_rank and int(os.environ.get("RANK", "0")) != 0):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

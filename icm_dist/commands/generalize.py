@@ -44,6 +44,7 @@ from ..data.mechanisms import SHIFT_PIXELS, Mechanism  # noqa: E402
 from ..data.symbols import load_symbols  # noqa: E402
 from ..errors import CheckpointError, ConfigError  # noqa: E402
 from ..rundir import RunDir  # noqa: E402
+from .args import at_least  # noqa: E402
 from .outputs import claim_file, json_is, write_text  # noqa: E402
 from .reuse import load_expert, open_source  # noqa: E402
 
@@ -418,7 +419,7 @@ def add_parser(sub) -> None:
                     "the experts that captured them. Writes RUN_DIR/generalization.json and "
                     "RUN_DIR/figures/{generalization,composition}.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's run.out_dir")
-    p.add_argument("--n", type=int, default=200, help="number of symbols (default: %(default)s)")
+    p.add_argument("--n", type=at_least(1), default=200, help="number of symbols (default: %(default)s)")
     p.add_argument("--out", "-o", help="JSON with all numbers (default: RUN_DIR/generalization.json)")
     p.add_argument("--force", action="store_true", help="replace --out even if icm-dist did not write it")
     p.add_argument("--chain", default=",".join(DEFAULT_CHAIN),
@@ -426,6 +427,6 @@ def add_parser(sub) -> None:
     p.add_argument("--source", choices=("auto", "omniglot", "fonts"), default="auto",
                    help="symbols: Omniglot, rendered fonts, or Omniglot when present (default: %(default)s)")
     p.add_argument("--symbols-root", help="directory holding omniglot-py/images_background (torchvision's layout)")
-    p.add_argument("--symbol-seed", type=int, default=0, help="which symbols (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=100, help="symbols per expert call (default: %(default)s)")
+    p.add_argument("--symbol-seed", type=at_least(0), default=0, help="which symbols (default: %(default)s)")
+    p.add_argument("--batch", type=at_least(1), default=100, help="symbols per expert call (default: %(default)s)")
     p.set_defaults(func=_run)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..data.library import resolve_mechanisms
 from ..errors import IcmError
 from ..rundir import CONFIG, METRICS, SUMMARY, RunDir
+from .args import at_least
 
 
 class OwnershipError(IcmError):
@@ -137,6 +138,6 @@ def add_parser(sub) -> None:
         "ownership", help="which expert leads each mechanism over training (from metrics.jsonl)",
         description=__doc__.split("\n\n")[1])
     c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--every", type=int, default=100, help="print the division every this many iterations "
+    c.add_argument("--every", type=at_least(1), default=100, help="print the division every this many iterations "
                                                          "(a '*' marks a change; default: %(default)s)")
     c.set_defaults(func=_run)

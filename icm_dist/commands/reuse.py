@@ -28,14 +28,15 @@ from .. import checkpoint as ck
 from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
 from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
-from ..data.protocol import build_protocol
 from ..dist import Dist, ShardPlan
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..evaluate import run_committee
 from ..experts import LocalExperts
 from ..identity import identity_init
 from ..models import Expert, make_discriminator
+from ..protocol import build_protocol
 from ..rundir import RunDir
+from .args import at_least
 from .outputs import (
     claim_file,
     claim_folder,
@@ -541,10 +542,12 @@ def add_subcommands(sub) -> None:
     s.add_argument("--remove-inactive", action="store_true",
                    help="remove the experts that win no transformed test digit (of --probe)")
     s.add_argument("--remove", type=_ids, help="comma-separated expert ids to remove")
-    s.add_argument("--add", type=int, default=0, help="number of fresh (identity-initialized) experts to add")
-    s.add_argument("--iterations", type=int, help="train.iterations of the new config (to train on)")
-    s.add_argument("--probe", type=int, help="test digits used by --remove-inactive (default eval.final_examples)")
-    s.add_argument("--seed", type=int, help="seed of the new experts' initialization (default: the run's seed + 1)")
+    s.add_argument("--add", type=at_least(0), default=0, help="number of fresh (identity-initialized) experts to add")
+    s.add_argument("--iterations", type=at_least(0), help="train.iterations of the new config (to train on)")
+    s.add_argument("--probe", type=at_least(1), help="test digits used by --remove-inactive "
+                   "(default eval.final_examples)")
+    s.add_argument("--seed", type=at_least(0), help="seed of the new experts' initialization "
+                   "(default: the run's seed + 1)")
     s.add_argument("--no-identity-init", action="store_true", help="skip identity initialization of new experts")
     s.set_defaults(func=_cmd_surgery)
 

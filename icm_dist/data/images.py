@@ -62,6 +62,9 @@ CACHE_FORMAT = "1"
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg")
 TEST_SHARE = 1 / 7  # seeded splits hold out MNIST's share for the test part (10,000 of 70,000)
 SYMBOL_TRAIN, SYMBOL_TEST = 6000, 1000  # examples per symbol: MNIST's count per digit
+STANDS_OUT = 0.1  # a pixel stands out from its image when it is this far from the image's mean
+NEAR_BLANK_SHARE = 0.01  # an image with fewer standing-out pixels than this share holds almost nothing
+WARN_SHARE = 0.01  # the census warns when more than this share of the images is blank or repeated
 
 
 @dataclass
@@ -86,8 +89,53 @@ class ImageData:
             h.update(memoryview(t.contiguous().numpy()).cast("B"))
         return h.hexdigest()
 
+    def census(self) -> dict:
+        """What a user should hear about before training on these images: how many there are, how many hold
+        almost nothing (fewer than ``NEAR_BLANK_SHARE`` of their pixels stand out from the image's mean by
+        ``STANDS_OUT``: a faulty renderer's output) and how many repeat an earlier image exactly."""
+        x = torch.cat([self.train_x, self.test_x]).flatten(1)
+        near_blank = dup = 0
+        seen: set[bytes] = set()
+        for chunk in x.split(8192):
+            off = (chunk - chunk.mean(1, keepdim=True)).abs() > STANDS_OUT
+            near_blank += int((off.float().mean(1) < NEAR_BLANK_SHARE).sum())
+            for row in to_uint8(chunk).numpy():
+                b = row.tobytes()
+                dup += b in seen
+                seen.add(b)
+        return {"train": int(self.train_x.shape[0]), "test": int(self.test_x.shape[0]), "classes": len(self.classes),
+                "near_blank": near_blank, "duplicates": dup}
+
+    def describe(self) -> str:
+        """One line for the run's log: the census, with a warning where the images look broken."""
+        c = self.census()
+        n = c["train"] + c["test"]
+        shape = "x".join(str(d) for d in self.train_x.shape[1:])
+        line = (f"data: {self.source}: {c['train']:,} training and {c['test']:,} test images of {shape}, "
+                f"{c['classes']} classes; {c['near_blank']:,} hold almost nothing, {c['duplicates']:,} repeat "
+                "another exactly")
+        if c["near_blank"] > WARN_SHARE * n or c["duplicates"] > WARN_SHARE * n:
+            line += (f" (warning: {max(c['near_blank'], c['duplicates']) / n:.0%} of the images; look at them "
+                     "before training: blank or repeated images give the committee less to learn from)")
+        return line
+
 
 # ----------------------------------------------------------------------------- size and colour
+
+# A run holds its images as float32 about twice over (the data set, and the protocol's canonical,
+# transformed and test copies).
+FLOAT_COPIES = 2
+
+
+def check_memory(n: int, channels: int, size: int, where: str) -> None:
+    """Refuse, before allocating, a data set that cannot fit in this machine's memory at ``size``."""
+    need = n * channels * size * size * 4 * FLOAT_COPIES
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise DataError(f"data.image_size={size}: {where}'s {n:,} images of {channels}x{size}x{size} need about "
+                        f"{need / 2**30:,.0f} GiB as float32, and this machine has {have / 2**30:,.0f} GiB; use a "
+                        "smaller data.image_size (or fewer images)")
+
 
 
 def fit_size(x_NCHW: Tensor, size: int) -> Tensor:
@@ -135,6 +183,7 @@ def _is_colour(img: Image.Image) -> bool:
 
 def _stack_fitted(images: list[Image.Image], size: int, rgb: bool, where: str) -> Tensor:
     """PIL images as uint8 ``[N, C, size, size]``: each read, fitted to the size rule, stacked."""
+    check_memory(len(images), 3 if rgb else 1, size, where)
     out = torch.empty(len(images), 3 if rgb else 1, size, size, dtype=torch.uint8)
     for i, img in enumerate(images):
         t = pil_to_tensor(img, rgb).float().div_(255)[None]
@@ -319,8 +368,9 @@ def _load_folder(path: Path, size: int) -> dict:
 def _load_symbols(classes: int, size: int) -> dict:
     """``classes`` rendered symbols, each drawn SYMBOL_TRAIN + SYMBOL_TEST times with a seeded affine jitter
     (rotation within 12 degrees, scale 0.9-1.1, shear within 8 degrees, translation within 1.5 pixels)."""
-    sym = render_symbols(classes, size=size, seed=0)
     per = SYMBOL_TRAIN + SYMBOL_TEST
+    check_memory(classes * per, 1, size, "symbols")
+    sym = render_symbols(classes, size=size, seed=0)
     labels = torch.arange(classes).repeat_interleave(per)
     ids = torch.arange(classes * per)
     u = uniform_per_example(ids, 0, "symbol-jitter", 5) * 2 - 1  # in (-1, 1)
@@ -378,6 +428,9 @@ def _cached(path: Path, key: dict, build: Callable[[], dict]) -> dict:
 
 
 def _check(data: dict, where: str) -> None:
+    if len(data["classes"]) < 2:
+        raise DataError(f"{where} has one class ({data['classes'][0]!r}): the evaluation's accuracies need at least "
+                        "two (a classifier that always answers the one class scores 1.000); add a class folder")
     for part in ("train", "test"):
         x, y = data[f"{part}_x"], data[f"{part}_labels"]
         if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[0] != y.shape[0] or x.shape[0] == 0:
@@ -395,6 +448,7 @@ def load_images(data_cfg) -> ImageData:
         train_x = to_float_32x32(mnist["train_images"], mnist["denominator"])
         test_x = to_float_32x32(mnist["test_images"], mnist["denominator"])
         if size != 32:
+            check_memory(train_x.shape[0] + test_x.shape[0], 1, size, "mnist")
             train_x, test_x = fit_size(train_x, size), fit_size(test_x, size)
         data = {"train_x": train_x, "train_labels": mnist["train_labels"], "test_x": test_x,
                 "test_labels": mnist["test_labels"], "classes": [str(i) for i in range(10)]}

@@ -1,5 +1,7 @@
 """What an entry of ``data.mechanisms`` means: a registered name, a parameterized built-in, a composition,
-or a user's function by import path; and the probe check every mechanism passes before training.
+or a user's function by import path; and the checks every mechanism passes: on a probe batch before anything
+is transformed (twice: a mechanism must be deterministic given the example ids and the seed), then on every
+example as the transformed split is built.
 
 An entry is one of
 
@@ -257,22 +259,71 @@ def resolve_mechanisms(entries: Sequence[Any], import_functions: bool = True) ->
     return out
 
 
+# An image holds nothing when its pixels span less than one grey level.
+BLANK_RANGE = 1 / 255
+
+
+def _blank_B(x_BCHW: Tensor) -> Tensor:
+    flat = x_BCHW.flatten(1)
+    return (flat.amax(1) - flat.amin(1)) < BLANK_RANGE
+
+
+def _call_checked(m: Resolved, x_BCHW: Tensor, ids_B: Tensor, seed: int, where: str) -> Tensor:
+    """``m.fn`` on a batch, its output checked example by example: the first problem stops with one line
+    naming the mechanism (``where``) and the example (its global id)."""
+    try:
+        y = m.fn(x_BCHW.clone(), ids_B, seed)
+    except Exception as e:  # a user's function may raise anything: report it as the mechanism's fault
+        raise DataError(f"{where} raised {type(e).__name__}: {' '.join(str(e).split())}") from None
+    if not isinstance(y, Tensor):
+        raise DataError(f"{where} returned {type(y).__name__}, not a tensor")
+    if y.shape != x_BCHW.shape or y.dtype != x_BCHW.dtype:
+        raise DataError(f"{where} returned {tuple(y.shape)} {y.dtype}, expected {tuple(x_BCHW.shape)} {x_BCHW.dtype}")
+    if not y.numel():
+        return y
+    flat = y.flatten(1)
+    bad_B = ~torch.isfinite(flat).all(1)
+    if bool(bad_B.any()):
+        raise DataError(f"{where} returned NaN or infinite values (first on example {_first(ids_B, bad_B)})")
+    lo_B, hi_B = flat.amin(1), flat.amax(1)
+    bad_B = (lo_B < 0) | (hi_B > 1)
+    if bool(bad_B.any()):
+        k = int(bad_B.nonzero()[0])
+        raise DataError(f"{where} returned values in [{float(lo_B[k]):.3g}, {float(hi_B[k]):.3g}] on example "
+                        f"{int(ids_B[k])}, outside [0, 1] (clamp them)")
+    # A mechanism that leaves nothing of most images (a shift by more than the image, a cutout as large as
+    # it) gives the committee nothing to invert, yet every expert "captures" it: refuse it here.
+    blanked_B = _blank_B(y) & ~_blank_B(x_BCHW)
+    had = int((~_blank_B(x_BCHW)).sum())
+    if had and int(blanked_B.sum()) * 2 > had:
+        raise DataError(f"{where} leaves nothing of {int(blanked_B.sum())} of {had} images (a constant image, "
+                        f"first example {_first(ids_B, blanked_B)}): its parameters move or cut the whole image away")
+    return y
+
+
+def _first(ids_B: Tensor, mask_B: Tensor) -> int:
+    return int(ids_B[mask_B.nonzero()[0]])
+
+
+def checked(m: Resolved, part: str) -> Mechanism:
+    """``m`` with every output checked as the probe's is: the transformed split is built through it once, so
+    each of its examples is checked once, and the first bad one is named with the mechanism."""
+
+    def fn(x_BCHW: Tensor, ids_B: Tensor, seed: int) -> Tensor:
+        return _call_checked(m, x_BCHW, ids_B, seed, f"mechanism '{m.label}' on the {part} split")
+
+    return fn
+
+
 def check_mechanisms(mechanisms: Sequence[Resolved], probe_BCHW: Tensor, ids_B: Tensor, seed: int) -> None:
-    """Run each mechanism on a probe batch; the first that fails (raises, or returns something that is not
-    a finite float tensor of the probe's shape and dtype in [0, 1]) stops with one line naming it."""
+    """Run each mechanism on a probe batch, twice; the first that fails (raises, returns something that is not
+    a finite float tensor of the probe's shape and dtype in [0, 1], blanks the images, or returns other
+    images the second time) stops with one line naming it."""
     for m in mechanisms:
         where = f"mechanism '{m.label}' on a probe batch {tuple(probe_BCHW.shape)}"
-        try:
-            y = m.fn(probe_BCHW.clone(), ids_B, seed)
-        except Exception as e:  # a user's function may raise anything: report it as the mechanism's fault
-            raise DataError(f"{where} raised {type(e).__name__}: {' '.join(str(e).split())}") from None
-        if not isinstance(y, Tensor):
-            raise DataError(f"{where} returned {type(y).__name__}, not a tensor")
-        if y.shape != probe_BCHW.shape or y.dtype != probe_BCHW.dtype:
-            raise DataError(f"{where} returned {tuple(y.shape)} {y.dtype}, expected {tuple(probe_BCHW.shape)} "
-                            f"{probe_BCHW.dtype}")
-        if not bool(torch.isfinite(y).all()):
-            raise DataError(f"{where} returned NaN or infinite values")
-        lo, hi = float(y.min()), float(y.max())
-        if lo < 0 or hi > 1:
-            raise DataError(f"{where} returned values in [{lo:.3g}, {hi:.3g}], outside [0, 1] (clamp them)")
+        first = _call_checked(m, probe_BCHW, ids_B, seed, where)
+        if not torch.equal(first, _call_checked(m, probe_BCHW, ids_B, seed, where)):
+            raise DataError(f"{where} is not deterministic: two calls on the same examples and seed returned "
+                            "different images; draw its randomness from the example ids and the seed (as "
+                            "icm_dist.data.mechanisms.uniform_per_example does), so that every rank and every "
+                            "resume sees the same transformed data")

@@ -11,8 +11,12 @@ Randomness in a mechanism is keyed by the example's global id: training example 
 test example ``i`` has id ``n_train + i`` (60000 + i for MNIST), so no two examples share a noise
 pattern and none depends on the rank.
 
-Before anything is transformed, every mechanism runs on a probe batch of training images and is
-checked (:func:`library.check_mechanisms`): a broken one stops the run with one line naming it.
+Before anything is transformed, every mechanism runs twice on a probe batch of training images and is
+checked (:func:`~icm_dist.data.library.check_mechanisms`); then every example it transforms is checked
+as the splits are built (:func:`~icm_dist.data.library.checked`). A broken, non-deterministic or blanking
+mechanism stops the run with one line naming it and its first bad example.
+
+The protocol sits above the data package: it reads the run's config, which the data package never does.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import Config
-from ..rng import generator
-from .images import ImageData, load_images
-from .library import check_mechanisms, resolve_mechanisms
-from .mechanisms import apply_mechanisms
+from .config import Config
+from .data.images import ImageData, load_images
+from .data.library import check_mechanisms, checked, resolve_mechanisms
+from .data.mechanisms import apply_mechanisms
+from .rng import generator
 
 PROBE_EXAMPLES = 8
 
@@ -54,7 +58,6 @@ def build_protocol(cfg: Config, images: ImageData | None = None) -> Protocol:
     if images is None:
         images = load_images(cfg.data)
     mechanisms = resolve_mechanisms(cfg.data.mechanisms)
-    fns = [m.fn for m in mechanisms]
     M = len(mechanisms)
     train_x, test_x = images.train_x, images.test_x
     n_train = train_x.shape[0]
@@ -69,12 +72,14 @@ def build_protocol(cfg: Config, images: ImageData | None = None) -> Protocol:
         transformed_ids = transformed_ids[: cfg.data.transformed_examples]
 
     t_mech = torch.randint(M, (len(transformed_ids),), generator=generator(cfg.seed, "train-mechanism"))
-    transformed = apply_mechanisms(train_x[transformed_ids], t_mech, fns, transformed_ids, cfg.seed)
+    transformed = apply_mechanisms(train_x[transformed_ids], t_mech, [checked(m, "training") for m in mechanisms],
+                                   transformed_ids, cfg.seed)
 
     order = torch.randperm(test_x.shape[0], generator=generator(cfg.seed, "test-order"))
     test_mech = torch.randint(M, (len(order),), generator=generator(cfg.seed, "test-mechanism"))
     test_clean = test_x[order]
-    test_t = apply_mechanisms(test_clean, test_mech, fns, order + n_train, cfg.seed)
+    test_t = apply_mechanisms(test_clean, test_mech, [checked(m, "test") for m in mechanisms], order + n_train,
+                              cfg.seed)
 
     return Protocol(
         mechanisms=[m.label for m in mechanisms],
