@@ -84,7 +84,8 @@ class ExpertConfig:
     width: int = 32
     """Filters per hidden 3x3 convolution (paper: 32; 64 and 128 in the capacity ablation)."""
     depth: int = 4
-    """Hidden conv-BN-ELU blocks before the last 3x3 convolution to one channel (4 gives the paper's ~27K weights)."""
+    """Hidden conv-norm-ELU blocks before the last 3x3 convolution back to the image's channels (1 grey, 3
+    colour); 4 gives the paper's ~27K weights on grey images."""
     pool: int = 0
     """Number of 2x2 average-pool / 2x nearest-upsample pairs (the paper's receptive-field ablation uses 2):
     pooling after each of the first ``pool`` blocks, upsampling before each of the last ``pool``."""
@@ -213,7 +214,8 @@ class EvalConfig:
     smaller)."""
     batch_size: int = 64
     """Examples per evaluation forward pass (every local expert runs on each, so the activations are
-    batch x experts x width x 32 x 32: small batches stay in cache, which is several times faster on CPUs)."""
+    batch x experts x expert.width x S x S with S = data.image_size: small batches stay in cache, which is
+    several times faster on CPUs)."""
     classifier_epochs: int = 3
     """Epochs of training for the evaluation classifier on the canonical half (cached as safetensors)."""
     capture_threshold: float = 0.9
