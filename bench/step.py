@@ -210,7 +210,8 @@ def main():
     name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads, {describe_cpu()}")
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
-          f"channels_last {cfg.train.channels_last}, expert_backward {expert_backward(cfg)}, "
+          f"channels_last {cfg.train.channels_last}, "
+          f"expert_backward {expert_backward(cfg, cfg.expert.norm == 'batch')}, "
           f"compile {cfg.train.compile}; batch {cfg.train.batch_size}")
     others = [v for v, _ in variants(cfg)[1:]]
     print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} "

@@ -81,6 +81,14 @@ class DataConfig:
 class ExpertConfig:
     num: int = 10
     """Number of experts N in the committee (the paper's N') (global, across all ranks)."""
+    arch: str = "conv"
+    """The expert family (icm_dist/families/): ``conv`` (the paper's five 3x3 convolutions; ``width``,
+    ``depth``, ``pool``, ``norm`` below shape it), ``stn`` (a spatial transformer: a warp of the whole image,
+    then a convolutional refinement), ``unet`` (every output pixel sees the whole image), or your own
+    ``my_package.module:make``, a callable returning an ``nn.Module`` from ``[B, C, H, W]`` in [0, 1] to the
+    same shape (called with ``channels=C`` when it takes that argument, and with ``arch_args``)."""
+    arch_args: dict = field(default_factory=dict)
+    """Keyword arguments of the family's expert (``stn``, ``unet`` or your factory), e.g. ``{width: 16}``."""
     width: int = 32
     """Filters per hidden 3x3 convolution (paper: 32; 64 and 128 in the capacity ablation)."""
     depth: int = 4
@@ -336,6 +344,10 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return dict(value)
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
@@ -466,7 +478,8 @@ def resume_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     differs from the config a run saved (keys that config lacks had their defaults)."""
     defaults = flatten(to_dict(Config()))
     old, new = {**defaults, **flatten(saved)}, flatten(to_dict(cfg))
-    return [(k, old[k], new[k]) for k in defaults if not _matches(k, RESUMABLE_KEYS) and old[k] != new[k]]
+    keys = list(dict.fromkeys([*defaults, *old, *new]))  # a mapping's keys (expert.arch_args) too
+    return [(k, old.get(k), new.get(k)) for k in keys if not _matches(k, RESUMABLE_KEYS) and old.get(k) != new.get(k)]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]], limit: int = 4) -> str:

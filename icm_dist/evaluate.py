@@ -107,7 +107,7 @@ def run_committee(experts: LocalExperts, disc_module: torch.nn.Module, x_BCHW: t
         xb = x_BCHW[i:i + cfg.eval.batch_size].to(dist.device)
         B, C, H, W = xb.shape
         with amp:
-            out = experts.bank(experts.expand_input(xb)).float().unflatten(1, (E, C))  # [B, E, C, H, W]
+            out = experts.outputs(experts.bank(experts.inputs(xb))).float()  # [B, E, C, H, W]
             logits = disc_module(out.reshape(B * E, C, H, W)).float().view(B, E)
         s = dist.gather_scores(logits, plan)
         w = settle_winners(s)

@@ -1,6 +1,7 @@
-"""A rank's experts: the bank, their masked Adam, and one expert's state (get, load, copy).
+"""A rank's experts: the family's block, their masked Adam, and one expert's state (get, load, copy).
 
-:class:`LocalExperts` is the rank's block of the committee. :class:`ExpertState` is everything one
+:class:`LocalExperts` is the rank's block of the committee, built by the family ``expert.arch`` names
+(:mod:`icm_dist.families`); nothing here knows an expert's layers. :class:`ExpertState` is everything one
 expert is (its ``Expert`` state dict and its Adam moments and step): what a checkpoint file holds,
 what a split copies from one expert into another, and what surgery moves between committees.
 """
@@ -13,7 +14,7 @@ import torch
 
 from .config import Config
 from .dist import Dist, ShardPlan
-from .models import ExpertBank
+from .families import get_family
 from .utils import strip_prefix
 
 
@@ -37,7 +38,7 @@ class ExpertState(NamedTuple):
 
 
 class MaskedAdam:
-    """Adam over a bank's stacked parameters, stepping only the experts in a mask.
+    """Adam over a block's stacked parameters, stepping only the experts in a mask.
 
     ``torch.optim.Adam`` on the stacked tensors would move every expert every step (zero gradient
     still moves the weights through the first moment), so a loser would drift. Here each expert has
@@ -45,11 +46,11 @@ class MaskedAdam:
     the others alone. The arithmetic follows torch.optim.Adam's single-tensor path.
     """
 
-    def __init__(self, bank: ExpertBank, lr: float, betas, eps: float):
+    def __init__(self, bank, lr: float, betas, eps: float):
         self.bank, self.lr, self.eps = bank, lr, eps
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.names = [n for n, _ in bank.named_parameters()]
-        self.params = [p for _, p in bank.named_parameters()]
+        self.names = [n for n, _ in bank.expert_params()]
+        self.params = [p for _, p in bank.expert_params()]
         E = bank.num
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
@@ -110,13 +111,15 @@ class MaskedAdam:
 
 
 class LocalExperts:
-    """A rank's block of experts: the bank, its masked Adam, and BatchNorm buffer bookkeeping."""
+    """A rank's block of experts: the family's block (``bank``), its masked Adam, and buffer bookkeeping."""
 
     def __init__(self, cfg: Config, ids: list[int], device: torch.device, channels: int = 1):
         self.cfg, self.channels = cfg, channels
         self.ids = list(ids)
-        self.bank = ExpertBank.create(cfg.expert, cfg.seed, self.ids, channels).to(device)
-        if cfg.train.channels_last:
+        self.family = get_family(cfg.expert)
+        self.couples_batch = self.family.couples_batch(cfg.expert)
+        self.bank = self.family.block(cfg.expert, cfg.seed, self.ids, channels, cfg.data.image_size).to(device)
+        if cfg.train.channels_last and self.bank.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
         # The training-mode pass over all experts: the step's full pass and identity initialization call
@@ -148,13 +151,14 @@ class LocalExperts:
             bv, sv = b.view(E, -1), s.view(E, -1)
             bv.copy_(torch.where(restore_E.view(E, 1), sv, bv))
 
-    def expand_input(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """One batch for every local expert: ``[B, C, H, W]`` to the bank's ``[B, E*C, H, W]``."""
-        B, C, H, W = x_BCHW.shape
-        x = x_BCHW.unsqueeze(1).expand(B, self.num, C, H, W).flatten(1, 2)  # still a view when C is 1
-        if self.cfg.train.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x.contiguous()
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """One batch for every local expert (``[B, C, H, W]``) or one per expert (``[B, E, C, H, W]``) in the
+        block's own layout, for ``bank(...)`` and ``train_forward(...)``."""
+        return self.bank.inputs(x, self.cfg.train.channels_last)
+
+    def outputs(self, y: torch.Tensor) -> torch.Tensor:
+        """The block's output as ``[B, E, C, H, W]``."""
+        return self.bank.outputs(y)
 
     # -- one expert's state ----------------------------------------------------------------
     def state(self, j: int) -> ExpertState:

@@ -31,13 +31,11 @@ def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, d
     for step in range(ic.max_steps):
         idx = torch.stack([sample_indices(n, ic.batch_size, cfg.seed, "identity", gid, step) for gid in experts.ids], 1)
         C, H, W = data_BCHW.shape[1:]
-        x_BECHW = data_BCHW[idx.to(data_BCHW.device).view(-1)].view(ic.batch_size, E * C, H, W).to(device)
-        if cfg.train.channels_last:
-            x_BECHW = x_BECHW.contiguous(memory_format=torch.channels_last)
+        x_BECHW = data_BCHW[idx.to(data_BCHW.device).view(-1)].view(ic.batch_size, E, C, H, W).to(device)
         saved = experts.snapshot_buffers()
         with amp:
-            out = experts.train_forward(x_BECHW)
-        mse_E = (out.float() - x_BECHW).pow(2).unflatten(1, (E, C)).mean(dim=(0, 2, 3, 4))
+            out_BECHW = experts.outputs(experts.train_forward(experts.inputs(x_BECHW)))
+        mse_E = (out_BECHW.float() - x_BECHW).pow(2).mean(dim=(0, 2, 3, 4))
         last_mse_E = torch.where(active_E.cpu(), mse_E.detach().cpu(), last_mse_E)
         active_E &= mse_E.detach() >= ic.mse
         if not bool(active_E.any()):

@@ -1,32 +1,36 @@
 """Algorithm 1 written plainly: the slow, obviously correct path that the fast step is tested against.
 
-One process, fp32: a loop over plain ``Expert`` modules, one ``torch.optim.Adam`` each, a dense
-backward through every expert's graph, and a separate D update. It shares no code with
-``step.py`` but the winner rule (:func:`routing.settle_winners`), so a bug in the fast path's loss,
+One process, fp32: a loop over plain expert modules (any family's ``to_experts()``), one
+``torch.optim.Adam`` each, a dense backward through every expert's graph, and a separate D update. It
+shares no code with ``step.py`` but the winner rule (:func:`routing.settle_winners`), so a bug in the fast path's loss,
 masking or batching shows up as a disagreement.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import Expert
 from .routing import settle_winners
 from .step import StepResult
 
 
-def _batch_stats_hooks(expert: Expert, store: list):
+def _batch_norms(expert: nn.Module) -> list[nn.Module]:
+    return [m for m in expert.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _batch_stats_hooks(expert: nn.Module, store: list):
     """Forward hooks that record each BatchNorm layer's batch mean and (biased) variance."""
 
     def hook(module, inputs, output):
         var, mean = torch.var_mean(inputs[0].detach(), dim=(0, 2, 3), unbiased=False)
         store.append((mean, var))
 
-    return [m.register_forward_hook(hook) for m in expert.norms]
+    return [m.register_forward_hook(hook) for m in _batch_norms(expert)]
 
 
-def _with_batch_stats(expert: Expert, x: torch.Tensor, stats: list) -> torch.Tensor:
+def _with_batch_stats(expert: nn.Module, x: torch.Tensor, stats: list) -> torch.Tensor:
     """The expert on ``x`` with each BatchNorm using the given batch statistics as constants.
 
     Plainly: eval mode, with the running statistics temporarily replaced by the batch statistics
@@ -35,19 +39,20 @@ def _with_batch_stats(expert: Expert, x: torch.Tensor, stats: list) -> torch.Ten
     """
     # Swap the buffer tensors rather than copying into them: eval-mode batch_norm saves them for
     # backward, so they must not be modified in place afterwards.
-    saved = [(n.running_mean, n.running_var) for n in expert.norms]
-    for n, (mean, var) in zip(expert.norms, stats):
+    norms = _batch_norms(expert)
+    saved = [(n.running_mean, n.running_var) for n in norms]
+    for n, (mean, var) in zip(norms, stats):
         n.running_mean, n.running_var = mean.clone(), var.clone()
     expert.eval()
     try:
         return expert(x)
     finally:
         expert.train()
-        for n, (mean, var) in zip(expert.norms, saved):
+        for n, (mean, var) in zip(norms, saved):
             n.running_mean, n.running_var = mean, var
 
 
-def reference_step(experts: list[Expert], expert_opts: list[torch.optim.Optimizer], disc: torch.nn.Module,
+def reference_step(experts: list[nn.Module], expert_opts: list[torch.optim.Optimizer], disc: torch.nn.Module,
                    disc_opt: torch.optim.Optimizer, x_fake_BCHW: torch.Tensor, x_real_BCHW: torch.Tensor,
                    expert_backward: str = "dense") -> StepResult:
     """Algorithm 1 written plainly, one process, fp32: a loop over experts and a dense backward.

@@ -7,7 +7,7 @@ output; each expert learns only from the examples it won, through D as it was wh
 were taken; an expert that won nothing stays bitwise unchanged (weights, BatchNorm buffers, Adam
 moments and step).
 
-Fast means: the experts run batched (one grouped convolution per layer), one D pass both scores
+Fast means: the experts run batched (the family's block: grouped convolutions for ``conv``), one D pass both scores
 the experts and builds D's update, and D's backward for the experts runs only on the winners'
 outputs. ``reference.py`` computes the same step plainly; tests hold the two to the same result.
 
@@ -43,12 +43,12 @@ def _fmt(x: torch.Tensor, cfg: Config) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else x
 
 
-def expert_backward(cfg: Config) -> str:
+def expert_backward(cfg: Config, couples_batch: bool) -> str:
     """``dense`` or ``winners`` (train.expert_backward); ``auto`` is ``winners`` exactly where it is the
-    exact gradient: with a per-example norm."""
+    exact gradient: when the family does not couple a batch's examples (a per-example norm)."""
     if cfg.train.expert_backward != "auto":
         return cfg.train.expert_backward
-    return "dense" if cfg.expert.norm == "batch" else "winners"
+    return "dense" if couples_batch else "winners"
 
 
 def settle(scores_BN: torch.Tensor, capacity: int | None, divisions) -> torch.Tensor:
@@ -81,10 +81,10 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     amp = autocast(dist.device, cfg.train.precision)
 
     saved = experts.snapshot_buffers()
-    sparse = expert_backward(cfg) == "winners"
+    sparse = expert_backward(cfg, experts.couples_batch) == "winners"
     stats: list | None = [] if sparse else None
     if candidates_BN is None:
-        out_BECHW = _experts_forward(experts, x_fake_BCHW, stats, amp)
+        out_BECHW = _experts_forward(experts, x_fake_BCHW, stats, amp)  # [B, E, C, H, W]
         fakes = out_BECHW.detach().float().reshape(B * E, C, H, W)  # row i*E + j: local expert j on example i
     else:
         start = plan.starts[dist.rank]
@@ -121,7 +121,7 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
     experts.opt.zero_grad()
     if candidates_BN is None:
         def won_outputs(rows, cols):
-            return out_BECHW.unflatten(1, (E, -1))[rows, cols]
+            return out_BECHW[rows, cols]
     else:
         def won_outputs(rows, cols):
             return out_PCHW[pairs_BE[rows, cols]]
@@ -139,7 +139,7 @@ def competition_step(experts: LocalExperts, disc, disc_opt: torch.optim.Optimize
 
 
 def _experts_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, stats: list | None, amp) -> torch.Tensor:
-    """Every local expert on the whole batch, ``[B, E*C, H, W]``, in training mode.
+    """Every local expert on the whole batch, ``[B, E, C, H, W]``, in training mode.
 
     dense (``stats`` is None): the experts' graph is kept over the whole batch, as in the paper's
     formulation, where BatchNorm's batch statistics carry gradient from every example.
@@ -148,10 +148,10 @@ def _experts_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, stats: li
     """
     experts.bank.train()
     with amp, torch.set_grad_enabled(stats is None):
-        x_BECHW = experts.expand_input(x_fake_BCHW)
-        if stats is not None and experts.cfg.expert.norm == "batch":
-            return experts.bank(x_BECHW, collect_stats=stats)  # BatchNorm's statistics, kept for forward_one
-        return experts.train_forward(x_BECHW)
+        x = experts.inputs(x_fake_BCHW)
+        if stats is not None and experts.couples_batch:
+            return experts.outputs(experts.bank(x, collect_stats=stats))  # batch statistics, kept for forward_one
+        return experts.outputs(experts.train_forward(x))
 
 
 def _routed_forward(experts: LocalExperts, x_fake_BCHW: torch.Tensor, cand_BE: torch.Tensor, sparse: bool,

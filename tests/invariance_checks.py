@@ -61,7 +61,7 @@ GRAD_TOL = 1e-2  # of the tensor's largest |element| (module docstring)
 def expert_grads(experts) -> dict[int, dict[str, torch.Tensor]]:
     """The bank's gradients per expert (global id -> Expert-layout name -> tensor); zeros where none."""
     E, out = experts.num, {g: {} for g in experts.ids}
-    for name, p in experts.bank.named_parameters():
+    for name, p in experts.bank.expert_params():
         grad = torch.zeros_like(p) if p.grad is None else p.grad
         for j, g in enumerate(experts.ids):
             out[g][name] = grad.detach().unflatten(0, (E, -1))[j].clone()

@@ -685,7 +685,7 @@ def test_export_metadata_and_doc_snippet_loads_one_expert(run_a, tmp_path, digit
     from safetensors.torch import save_file
 
     from icm_dist.config import ExpertConfig
-    from icm_dist.models import make_expert
+    from icm_dist.families.conv import make_expert
 
     pooled = make_expert(ExpertConfig(width=8, depth=4, pool=2), seed=0, expert_id=0).eval()
     p = tmp_path / "pooled.safetensors"

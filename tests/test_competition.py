@@ -17,8 +17,9 @@ from invariance_checks import (
 from icm_dist.config import load_config
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import ExpertState, LocalExperts, copy_expert
+from icm_dist.families.conv import Expert
 from icm_dist.identity import identity_init
-from icm_dist.models import Expert, make_discriminator
+from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
 from icm_dist.reference import reference_step
 from icm_dist.rng import sample_indices

@@ -13,9 +13,9 @@ winners, the gathered scores, its experts' gradients, D's gradients after DDP's 
 share of D's loss and its experts' losses, then its experts' state after the step.
 
 One launch of four processes runs every world (a process that imports torch costs seconds): rank r
-takes part in the worlds W > r, each in a gloo group of its own, in three variants: both expert_backward
-modes in fp32, and the dense mode in bf16 (``train.precision=bf16``: emulated, slower, on CPUs without
-native bf16), whose W = 2 runs twice.
+takes part in the worlds W > r, each in a gloo group of its own, in five variants: both expert_backward
+modes in fp32, the stn and unet families in fp32, and the dense mode in bf16 (``train.precision=bf16``:
+emulated, slower, on CPUs without native bf16), whose W = 2 runs twice.
 """
 
 import copy
@@ -54,9 +54,12 @@ WORLDS = (1, 2, 3, 4)
 # The fp32 variants carry the world-size promise; bf16 promises less (test_bf16_* below).
 VARIANTS = {"dense": ["train.expert_backward=dense", "train.precision=fp32"],
             "winners": ["train.expert_backward=winners", "train.precision=fp32"],
-            "bf16": ["train.expert_backward=dense", "train.precision=bf16"]}
+            "bf16": ["train.expert_backward=dense", "train.precision=bf16"],
+            # The other expert families (icm_dist/families/): copies of one nn.Module, batched with torch.func.
+            "stn": ["expert.arch=stn", "expert.arch_args={width: 8, depth: 2, loc_width: 4}", "train.precision=fp32"],
+            "unet": ["expert.arch=unet", "expert.arch_args={width: 4, levels: 2}", "train.precision=fp32"]}
 MODES = tuple(VARIANTS)
-FP32_MODES = ("dense", "winners")
+FP32_MODES = ("dense", "winners", "stn", "unet")
 BF16_SCORE_TOL = 2.0 ** -8  # bf16's unit roundoff: one unit of the largest score
 SPLIT_AFTER, DIVIDED = 2, (3, 4)  # the split copies after step 2; donor and copy divide steps 3 and 4
 TIMEOUT_S = 300  # the whole launch; 30-50 s on two busy cores

@@ -18,7 +18,7 @@ from icm_dist.config import ExpertConfig
 from icm_dist.data.mechanisms import SHIFT_PIXELS, get_mechanism, shift
 from icm_dist.data.symbols import MARGIN, _stroke_estimate, load_symbols, render_symbols, symbols
 from icm_dist.errors import DataError
-from icm_dist.models import Expert
+from icm_dist.families.conv import Expert
 
 REPO = Path(__file__).resolve().parents[1]
 S = SHIFT_PIXELS

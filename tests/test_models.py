@@ -10,7 +10,8 @@ import torch
 
 from icm_dist import precision
 from icm_dist.config import DiscriminatorConfig, ExpertConfig
-from icm_dist.models import Classifier, Discriminator, Expert, ExpertBank, make_expert, num_params
+from icm_dist.families.conv import Expert, ExpertBank, make_expert
+from icm_dist.models import Classifier, Discriminator, num_params
 
 
 def test_expert_shapes_and_parameter_count():

@@ -22,7 +22,8 @@ from icm_dist.commands.reuse import load_module_file
 from icm_dist.config import load_config, to_dict
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import LocalExperts
-from icm_dist.models import Expert, ExpertBank, make_discriminator, make_expert
+from icm_dist.families.conv import Expert, ExpertBank, make_expert
+from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
 from icm_dist.rng import sample_indices
 from icm_dist.step import competition_step, expert_backward
@@ -93,7 +94,7 @@ def test_winners_only_backward_is_the_dense_gradient(data_root, proto, norm):
     Adam, which turns float noise in tiny gradients into full-size steps, out of the comparison.
     """
     cfg_w, cfg_d = _cfg(data_root, *norm), _cfg(data_root, *norm, "train.expert_backward=dense")
-    assert expert_backward(cfg_w) == "winners" and expert_backward(cfg_d) == "dense"
+    assert expert_backward(cfg_w, False) == "winners" and expert_backward(cfg_d, False) == "dense"
     ed = LocalExperts(cfg_d, list(range(4)), torch.device("cpu"))
     disc = make_discriminator(cfg_d)
     won = 0

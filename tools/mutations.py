@@ -68,7 +68,7 @@ MUTATIONS = [
              "it > cfg.train.split_iterations", "it > cfg.train.split_iterations + cfg.train.split_every",
              ("tests/test_policies.py",),
              "splits go on one check past train.split_iterations"),
-    Mutation("winners-rerun-norm", "icm_dist/models.py",
+    Mutation("winners-rerun-norm", "icm_dist/families/conv.py",
              "return F.group_norm(h, norm_groups(cfg), n.weight[sl], n.bias[sl], n.eps)",
              "return F.group_norm(h, 1, n.weight[sl], n.bias[sl], n.eps)",
              ("tests/test_norms.py",),

@@ -38,6 +38,10 @@ VARIANTS = {
     "split-capacity": ["train.split_every=3", "train.split_steps=2", "train.split_idle_share=0.9",
                        "train.split_donor_share=1.05", "train.capacity_factor=1.5", "train.capacity_iterations=8"],
     "winners-pool": ["train.expert_backward=winners", "expert.pool=1", "train.precision=fp32"],
+    # configs/quick.yaml (compiled, ten experts, splits), shortened.
+    "quick": ["--config", "configs/quick.yaml", "train.iterations=24", "eval.every=12", "checkpoint.every=12",
+              "eval.examples=100", "eval.final_examples=200", "identity_init.max_steps=20", "train.split_every=8",
+              "train.split_steps=4", "tracking.figures_every=0", "data.transformed_examples=2000"],
 }
 
 
@@ -59,7 +63,10 @@ def checkout(ref: str, root: Path) -> Path:
 
 
 def train(src: Path, out: Path, overrides: list[str], world: int, data_root: str) -> None:
-    args = ["launch/train.py", "--config", "configs/tiny.yaml", "threads=1", f"run.out_dir={out}",
+    config = ["--config", "configs/tiny.yaml"]
+    if overrides[:1] == ["--config"]:  # a variant on another config
+        config, overrides = overrides[:2], overrides[2:]
+    args = ["launch/train.py", *config, "threads=1", f"run.out_dir={out}",
             f"data.root={data_root}", "tracking.wandb.mode=disabled", *overrides]
     if world == 1:
         cmd = [sys.executable, *args]

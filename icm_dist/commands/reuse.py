@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from PIL import Image
 
 from .. import checkpoint as ck
@@ -32,8 +33,9 @@ from ..dist import Dist, ShardPlan
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..evaluate import run_committee
 from ..experts import LocalExperts
+from ..families import get_family
 from ..identity import identity_init
-from ..models import Expert, make_discriminator
+from ..models import make_discriminator
 from ..protocol import build_protocol
 from ..rundir import RunDir
 from .args import at_least
@@ -50,17 +52,9 @@ from .outputs import (
 
 MODULE_FORMAT = "icm-dist-expert-module/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what apply reads from a folder, and writes back under the same names
-NORMS = {"batch": "BatchNorm2d (eval: running stats, eps 1e-5)", "none": "no norm (the conv has a bias)",
-         "group": "GroupNorm(groups, eps 1e-5)", "instance": "GroupNorm(width groups, eps 1e-5)",
-         "layer": "GroupNorm(1 group, eps 1e-5)"}
-
-
 def architecture(ecfg: ExpertConfig) -> str:
     """The expert's network in words, for an exported file's metadata."""
-    ws = "weight-standardized " if ecfg.weight_standardization else ""
-    return (f"depth x [{ws}conv3x3 -> {NORMS[ecfg.norm]} -> ELU -> avg_pool2d(2) after the first `pool` blocks, "
-            "nearest 2x upsampling before the last `pool` blocks] -> conv3x3 back to C channels (with bias) -> "
-            "sigmoid; input and output [B, C, H, W] in [0, 1], C the metadata's 'channels'")
+    return get_family(ecfg).describe(ecfg)
 
 
 # ----------------------------------------------------------------------------- opening a run
@@ -113,14 +107,14 @@ def _expert_cfg(meta: dict, where: str) -> ExpertConfig:
         raise CheckpointError(f"{where}: metadata 'expert_config' is missing or malformed ({e})") from None
 
 
-def _build_expert(ecfg: ExpertConfig, model: dict, where: str, channels: int) -> Expert:
-    e = Expert(ecfg, channels)
+def _build_expert(ecfg: ExpertConfig, model: dict, where: str, channels: int) -> nn.Module:
+    e = get_family(ecfg).expert(ecfg, channels)
     ck.check_fits(where, model, e.state_dict())
     e.load_state_dict(model)
     return e.eval()
 
 
-def load_expert(src: Source, gid: int) -> Expert:
+def load_expert(src: Source, gid: int) -> nn.Module:
     """Global expert ``gid`` of a checkpoint as a plain ``Expert`` module in eval mode."""
     if not 0 <= gid < src.manifest["num_experts"]:
         raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
@@ -129,7 +123,7 @@ def load_expert(src: Source, gid: int) -> Expert:
     return _build_expert(src.cfg.expert, state.model, str(path), ck.channels_of(src.manifest))
 
 
-def load_module_file(path: str | Path) -> tuple[Expert, dict]:
+def load_module_file(path: str | Path) -> tuple[nn.Module, dict]:
     """An exported expert file (or a checkpoint's expert file) as an ``Expert`` in eval mode, with its metadata."""
     path = Path(path)
     tensors, meta = ck.read_tensors(path)
@@ -184,8 +178,8 @@ def export_expert(source: str | Path, out: str | Path, expert: str, force: bool 
     meta = {
         "format": MODULE_FORMAT,
         "expert_id": str(gid),
-        "expert_config": json.dumps({k: exp_cfg[k] for k in ("width", "depth", "pool", "norm", "groups",
-                                                             "weight_standardization")}),
+        "expert_config": json.dumps({k: exp_cfg[k] for k in ("arch", "arch_args", "width", "depth", "pool", "norm",
+                                                             "groups", "weight_standardization")}),
         "channels": str(ck.channels_of(src.manifest)),
         "architecture": architecture(src.cfg.expert),
         "mechanism": json.dumps(captured),
@@ -333,7 +327,7 @@ def apply_committee(src: Source, x: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def apply_chain(chain: list[Expert], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
+def apply_chain(chain: list[nn.Module], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """``chain[-1](... chain[0](x))``: the composition of Figure 8."""
     for e in chain:
         pool = e.cfg.pool
@@ -344,7 +338,7 @@ def apply_chain(chain: list[Expert], x: torch.Tensor, batch: int = 500) -> torch
     return x
 
 
-def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[Expert], list[str]]:
+def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[nn.Module], list[str]]:
     """Experts named by id, by captured mechanism (needs a run) or by exported file path."""
     src = None
     chain, labels = [], []

@@ -1,0 +1,171 @@
+"""The expert-family seam: what a family provides so that the step, identity initialization, the masked
+Adam, checkpoints, resharding, the routed competition and the commands work for it unchanged.
+
+A **family** (``expert.arch``) has three methods:
+
+* ``expert(cfg, channels) -> nn.Module``: one standalone expert, ``[B, C, H, W]`` in [0, 1] to the same
+  shape. Its state dict is what a checkpoint's expert file and an exported expert hold (``model.*``).
+* ``block(cfg, seed, ids, channels, image_size) -> Block``: a rank's experts with global ids ``ids``,
+  expert ``gid`` initialized from the stream keyed by (seed, gid) so that it is the same on any rank.
+* ``couples_batch(cfg) -> bool``: whether one example's output depends on the others' (BatchNorm's
+  batch statistics). Then the exact gradient of Algorithm 1 needs the dense backward
+  (``train.expert_backward=auto`` picks it).
+
+A **block** is an ``nn.Module`` over a rank's ``num`` experts:
+
+* ``channels_last``: whether ``train.channels_last`` applies to the block's weights and inputs.
+* ``inputs(x, channels_last)`` turns one batch for every expert ``[B, C, H, W]``, or one batch per expert
+  ``[B, E, C, H, W]``, into the block's own layout; ``forward(native)`` runs every expert on it (the call
+  the trainer may compile); ``outputs(y)`` gives ``[B, E, C, H, W]``.
+* ``forward_one(j, x_BCHW, stats)``: local expert ``j`` alone, with its graph (the winners' backward
+  and the routed competition). ``stats`` are batch statistics collected by ``forward(native,
+  collect_stats=[])`` for a family that couples the batch; None otherwise.
+* ``count_batch()``: after ``forward_one`` passes, advance batch counters once per step, as one
+  ``forward`` would.
+* ``expert_params()``: ``(name, parameter)`` pairs, the names in the standalone expert's layout;
+  ``expert_tensors()``: every parameter and buffer by that name, viewed as ``[E, *expert_shape]``;
+  ``expert_state(j)`` / ``load_expert_state(j, state)``; ``to_experts()``.
+
+The one layout rule the masked Adam and the loser's buffer restore rely on: every parameter and buffer
+of a block has a leading dimension that splits as ``[E, ...]``, expert ``j`` owning slice ``j``.
+
+This module keeps the seam's second implementation beside the conv bank: :class:`StackedExperts`, ``E``
+copies of any ``nn.Module`` with their own parameters, run as one batched call with ``torch.func``
+(``stack_module_state``, ``functional_call``, ``vmap``) where vmap takes the module, and as a plain loop
+over ``functional_call`` where it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..rng import seeded
+
+
+def couples_examples(module: nn.Module) -> bool:
+    """True when ``module`` normalizes over the batch (BatchNorm in training mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+class StackedExperts(nn.Module):
+    """``E`` copies of one module with their own parameters and buffers, stacked ``[E, ...]``.
+
+    The copies are built by ``make()`` under the stream keyed by (seed, global id). The parameters are
+    registered here under mangled names (a module's names hold dots) and keep the copy's own names in
+    :meth:`expert_params` and :meth:`expert_tensors`, so that one expert's state dict is what ``make()``'s
+    module loads. ``vmap=None`` tries the batched call once on a probe and falls back to the loop if
+    vmap refuses the module (an in-place op vmap has no rule for, data-dependent control flow).
+    """
+
+    channels_last = False  # stacked weights gain a leading dimension: 5-D, which channels_last does not cover
+
+    def __init__(self, make: Callable[[], nn.Module], seed: int, ids: list[int], channels: int,
+                 image_size: int, use_vmap: bool | None = None):
+        super().__init__()
+        self.ids, self.num, self.channels = list(ids), len(ids), channels
+        self._make = make
+        copies = []
+        for gid in self.ids:
+            with seeded(seed, "expert-init", gid):
+                copies.append(make())
+        params, buffers = stack_module_state(copies)
+        # The skeleton functional_call runs: its own tensors are never read, so it lives on the meta device.
+        self._skeleton = (copy.deepcopy(copies[0]).to("meta"),)
+        self._param_names, self._buffer_names = list(params), list(buffers)
+        for n in self._param_names:
+            self.register_parameter(self._mangle(n), nn.Parameter(params[n].detach().clone()))
+        for n in self._buffer_names:
+            self.register_buffer(self._mangle(n), buffers[n].clone())
+        self.couples = couples_examples(copies[0])
+        self.use_vmap = use_vmap
+        if use_vmap is None:
+            self.use_vmap = self._vmap_works(torch.rand(2, channels, image_size, image_size))
+
+    @staticmethod
+    def _mangle(name: str) -> str:
+        return "e__" + name.replace(".", "__")
+
+    def _tensors(self) -> tuple[dict, dict]:
+        return ({n: getattr(self, self._mangle(n)) for n in self._param_names},
+                {n: getattr(self, self._mangle(n)) for n in self._buffer_names})
+
+    def _vmap_works(self, probe_BCHW: torch.Tensor) -> bool:
+        saved = [b.clone() for b in self._tensors()[1].values()]
+        try:
+            with torch.no_grad():
+                self._batched(probe_BCHW, shared=True)
+            return True
+        except Exception:  # vmap has no rule for something in the module: the loop computes the same
+            return False
+        finally:
+            with torch.no_grad():
+                for b, s in zip(self._tensors()[1].values(), saved):
+                    b.copy_(s)
+
+    def _call(self, params: dict, buffers: dict, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return functional_call(self._skeleton[0], (params, buffers), (x_BCHW,))
+
+    def _batched(self, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        params, buffers = self._tensors()
+        return vmap(self._call, in_dims=(0, 0, None if shared else 0), randomness="different")(params, buffers, x)
+
+    # -- the seam ----------------------------------------------------------------------------
+    def inputs(self, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """``[B, C, H, W]`` (shared) stays as it is; ``[B, E, C, H, W]`` becomes ``[E, B, C, H, W]``."""
+        return x if x.dim() == 4 else x.movedim(1, 0)
+
+    def outputs(self, y_EBCHW: torch.Tensor) -> torch.Tensor:
+        return y_EBCHW.movedim(0, 1)
+
+    def forward(self, x: torch.Tensor, collect_stats: list | None = None) -> torch.Tensor:
+        """Every expert: on the shared batch ``[B, C, H, W]`` or each on its own ``[E, B, C, H, W]``."""
+        shared = x.dim() == 4
+        if self.use_vmap:
+            return self._batched(x, shared)
+        return torch.stack([self.forward_one(j, x if shared else x[j], None) for j in range(self.num)])
+
+    def forward_one(self, j: int, x_BCHW: torch.Tensor, stats: list | None) -> torch.Tensor:
+        if stats:
+            raise ValueError("a stacked family keeps no batch statistics: its winners' backward needs no norm "
+                             "over the batch (train.expert_backward=dense for a module with BatchNorm)")
+        params, buffers = self._tensors()
+        return self._call({n: p[j] for n, p in params.items()}, {n: b[j] for n, b in buffers.items()}, x_BCHW)
+
+    def count_batch(self) -> None:
+        """Nothing to do: each functional call advances the copy's own batch counters."""
+
+    def expert_params(self) -> list[tuple[str, nn.Parameter]]:
+        return list(zip(self._param_names, self._tensors()[0].values()))
+
+    def expert_tensors(self) -> dict[str, torch.Tensor]:
+        params, buffers = self._tensors()
+        return {**params, **buffers}
+
+    def expert_state(self, j: int) -> dict[str, torch.Tensor]:
+        return {k: v[j].detach().clone() for k, v in self.expert_tensors().items()}
+
+    def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
+        views = self.expert_tensors()
+        if set(state) != set(views):
+            missing, extra = set(views) - set(state), set(state) - set(views)
+            raise ValueError(f"expert state does not fit: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if tuple(v.shape) != tuple(views[k].shape[1:]):
+                    raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs "
+                                     f"{tuple(views[k].shape[1:])}")
+                views[k][j].copy_(v)
+
+    def to_experts(self) -> list[nn.Module]:
+        device = next(self.parameters()).device
+        out = []
+        for j in range(self.num):
+            e = self._make().to(device)
+            e.load_state_dict(self.expert_state(j))
+            out.append(e)
+        return out

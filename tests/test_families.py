@@ -1,0 +1,173 @@
+"""Expert families behind one seam (icm_dist/families/): the torch.func block against a loop of plain modules,
+the probe check of a user's factory, and whole runs of every family through the real entry points (train,
+resume, reshard, export, apply), a user's factory from a temporary module under launch/torchrun.sh 2.
+
+The world-size invariance of the stn and unet families, step by step with losers bitwise unchanged, is in
+tests/test_distributed.py (its ``stn`` and ``unet`` variants).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from procs import run
+from safetensors.torch import save_file
+
+from icm_dist.config import ExpertConfig, load_config
+from icm_dist.errors import ConfigError
+from icm_dist.families import StackedExperts, check_expert, get_family
+from icm_dist.families.stn import STNExpert
+from icm_dist.families.unet import UNetExpert
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["threads=1", "train.iterations=4", "checkpoint.every=2", "eval.every=2", "eval.examples=50",
+         "eval.final_examples=50", "identity_init.max_steps=3", "data.transformed_examples=300",
+         "run.progress=false", "tracking.wandb.mode=disabled"]
+SMALL = {"stn": "{width: 8, depth: 2, loc_width: 4}", "unet": "{width: 4, levels: 2}"}
+
+USER_MODULE = '''
+import torch.nn as nn
+
+def make(channels, width=4):
+    return nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(1, width), nn.ELU(),
+                         nn.Conv2d(width, channels, 3, padding=1), nn.Sigmoid())
+
+def wrong_shape(channels):
+    return nn.Conv2d(channels, channels + 1, 3, padding=1)
+
+def unbounded(channels):
+    return nn.Conv2d(channels, channels, 3, padding=1)
+'''
+
+
+@pytest.mark.parametrize("make", [lambda: STNExpert(1, width=8, depth=2, loc_width=4),
+                                  lambda: UNetExpert(1, width=4, levels=2)], ids=["stn", "unet"])
+def test_stacked_experts_compute_what_each_module_computes(make):
+    """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
+    one expert's state loads into a fresh module that computes the same."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 16, 16)
+    per = torch.rand(4, 3, 1, 16, 16)
+    fast = StackedExperts(make, seed=3, ids=[0, 5, 7], channels=1, image_size=16)
+    slow = StackedExperts(make, seed=3, ids=[0, 5, 7], channels=1, image_size=16, use_vmap=False)
+    assert fast.use_vmap
+    for block in (fast, slow):
+        mods = block.to_experts()
+        y = block.outputs(block(block.inputs(x)))
+        y_per = block.outputs(block(block.inputs(per)))
+        assert y.shape == (4, 3, 1, 16, 16)
+        for j, m in enumerate(mods):
+            torch.testing.assert_close(y[:, j], m.train()(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y_per[:, j], m(per[:, j]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(block.forward_one(j, x, None), m(x), rtol=1e-5, atol=1e-6)
+    # Copies are keyed by their global ids: expert 5 is the same in any block.
+    alone = StackedExperts(make, seed=3, ids=[5], channels=1, image_size=16)
+    for k, v in alone.expert_state(0).items():
+        assert torch.equal(v, fast.expert_state(1)[k]), k
+
+
+def test_the_layout_rule_of_the_seam():
+    """Every parameter and buffer of a block splits as [E, ...] with expert j's tensors at j (what the masked
+    Adam and the losers' buffer restore rely on), under the standalone module's names."""
+    block = StackedExperts(lambda: STNExpert(1, width=8, depth=2, loc_width=4), 0, [2, 3], 1, 16)
+    names = dict(STNExpert(1, width=8, depth=2, loc_width=4).state_dict())
+    views = block.expert_tensors()
+    assert set(views) == set(names)
+    assert all(views[k].shape == (2, *names[k].shape) for k in names)
+    assert [n for n, _ in block.expert_params()] == [n for n, _ in STNExpert(1, 8, 2, 4).named_parameters()]
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "myexperts.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("myexperts:wrong_shape", "maps a probe batch (2, 1, 16, 16) float32 to (2, 2, 16, 16)"),
+    ("myexperts:unbounded", "an expert's output must lie in [0, 1]"),
+    ("myexperts:missing", "cannot be imported"),
+    ("no_such_package_icm:make", "cannot be imported"),
+    ("sideways", "is not a family"),
+])
+def test_a_bad_family_stops_with_one_line_naming_it(user_module, arch, message):
+    with pytest.raises(ConfigError) as e:
+        family = get_family(ExpertConfig(arch=arch))
+        check_expert(arch, lambda: family.expert(ExpertConfig(arch=arch), 1), 1, 16)
+    assert message in str(e.value) and arch in str(e.value) and "\n" not in str(e.value)
+
+
+def _train(out: Path, data_root: str, *more: str) -> dict:
+    from icm_dist.trainer import train
+
+    threads = torch.get_num_threads()
+    try:
+        train(load_config(str(REPO / "configs/tiny.yaml"), [f"run.out_dir={out}", f"data.root={data_root}", *SHORT,
+                                                            *more]))
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "summary.json").read_text())
+
+
+def _checkpoint_tensors(ckpt: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({f"{f.name}:{k}": h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.mark.parametrize("arch", ["stn", "unet"])
+def test_a_family_trains_resumes_bitwise_and_exports(arch, tmp_path, data_root, mnist):
+    more = [f"expert.arch={arch}", f"expert.arch_args={SMALL[arch]}", "train.precision=fp32"]
+    whole = _train(tmp_path / "whole", data_root, *more)
+    assert whole["mechanisms_captured"] >= 0 and whole["world_size"] == 1
+    _train(tmp_path / "cut", data_root, *more, "train.iterations=2")
+    _train(tmp_path / "cut", data_root, *more, "resume=auto")
+    a, b = (_checkpoint_tensors(tmp_path / r / "checkpoints" / "iter_0000004") for r in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Export one expert and apply the committee: the standalone module is the family's, rebuilt from metadata.
+    from icm_dist.commands.reuse import load_expert, load_module_file, open_source
+
+    r = run([sys.executable, "-m", "icm_dist.commands.cli", "export", str(tmp_path / "whole"), "--expert", "1",
+             "--out", str(tmp_path / "e1.safetensors")], cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    module, meta = load_module_file(tmp_path / "e1.safetensors")
+    assert f"expert.arch {arch}" in meta["architecture"]
+    x = mnist.test_x[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), load_expert(open_source(tmp_path / "whole"), 1)(x))
+
+
+def test_a_user_factory_trains_under_torchrun_and_reshards(tmp_path, data_root, mnist):
+    """``expert.arch: myexperts:make`` from a temporary module: two ranks train it, one rank resumes it, and
+    apply rebuilds it; where the module is not importable, apply says that it needs it."""
+    (tmp_path / "myexperts.py").write_text(USER_MODULE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "PYTHON": sys.executable,
+           "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
+    args = ["--config", "configs/tiny.yaml", f"run.out_dir={tmp_path / 'run'}", f"data.root={data_root}", *SHORT,
+            "expert.arch=myexperts:make", "expert.arch_args={width: 6}"]
+    r = run([str(REPO / "launch" / "torchrun.sh"), "2", *args], cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["world_size"] == 2
+    r = run([sys.executable, str(REPO / "launch" / "train.py"), *args, "train.iterations=6", "resume=auto"],
+            cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000006").is_dir()
+    save_file({"images": mnist.test_x[:2].contiguous()}, str(tmp_path / "x.safetensors"))
+    cmd = [sys.executable, "-m", "icm_dist.commands.cli", "apply", str(tmp_path / "run"),
+           str(tmp_path / "x.safetensors"), "--out", str(tmp_path / "y.safetensors")]
+    r = run(cmd, cwd=REPO, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(cmd + ["--force"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert r.returncode != 0 and "expert.arch 'myexperts:make' cannot be imported" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
