@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -261,27 +262,43 @@ def _unlock(tmp: Path) -> None:
             p.chmod(0o755)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_a_bad_input_stops_with_one_line_and_changes_nothing(case, finished, tmp_path, data_root):
+def _attempt(case: Case, tmp: Path, finished, data_root: str) -> dict:
+    """Prepare one case in its own folder ``tmp``, run it, and snapshot its guarded paths before and after."""
     run_src, folder_run_src, images = finished
-    paths = {"tmp": tmp_path, "data": Path(data_root), "run": tmp_path / "run", "folder_run": tmp_path / "folder_run",
+    tmp.mkdir(parents=True)
+    paths = {"tmp": tmp, "data": Path(data_root), "run": tmp / "run", "folder_run": tmp / "folder_run",
              "images": images}
     fill = {k: str(v) for k, v in paths.items()}
     if "{run}" in " ".join(case.argv + case.guarded):
-        shutil.copytree(run_src, tmp_path / "run")
+        shutil.copytree(run_src, tmp / "run")
     if "{folder_run}" in " ".join(case.argv + case.guarded):
-        shutil.copytree(folder_run_src, tmp_path / "folder_run")
+        shutil.copytree(folder_run_src, tmp / "folder_run")
     if case.prepare is not None:
         case.prepare(paths)
     guarded = [Path(g.format(**fill)) for g in case.guarded]
     before = [_snapshot(g) for g in guarded]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(tmp), env.get("PYTHONPATH")])))
     try:
         r = run([a.format(**fill) for a in case.argv], cwd=REPO, env=env, timeout=180)
     finally:
-        _unlock(tmp_path)
+        _unlock(tmp)
+    return {"r": r, "fill": fill, "before": before, "after": [_snapshot(g) for g in guarded]}
+
+
+@pytest.fixture(scope="module")
+def outcomes(finished, data_root, tmp_path_factory) -> dict:
+    """Every case, two at a time: a case is mostly a Python process starting up on one of the two cores."""
+    base = tmp_path_factory.mktemp("cases")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {c.name: pool.submit(_attempt, c, base / f"case_{i}", finished, data_root) for i, c in enumerate(CASES)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_a_bad_input_stops_with_one_line_and_changes_nothing(case, outcomes):
+    out = outcomes[case.name].result()  # re-raises what preparing the case raised (a skip, too)
+    r, fill = out["r"], out["fill"]
     lines = r.stderr.strip().splitlines()
     if case.preamble is not None:
         lines = [x for x in lines if not x.startswith(case.preamble)]
@@ -289,4 +306,4 @@ def test_a_bad_input_stops_with_one_line_and_changes_nothing(case, finished, tmp
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     assert case.message.format(**fill) in lines[0], lines[0]
-    assert [_snapshot(g) for g in guarded] == before, case.name
+    assert out["after"] == out["before"], case.name

@@ -47,6 +47,17 @@ from torch.func import functional_call, stack_module_state, vmap
 from ..rng import seeded
 
 
+def check_state_fits(state: dict[str, torch.Tensor], shapes: dict) -> None:
+    """``state`` has exactly the names of ``shapes`` (one expert's tensors), each of that shape; else a
+    ValueError naming the first misfit, before anything is copied."""
+    if set(state) != set(shapes):
+        missing, extra = set(shapes) - set(state), set(state) - set(shapes)
+        raise ValueError(f"expert state does not fit: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(shapes[k]):
+            raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs {tuple(shapes[k])}")
+
+
 def couples_examples(module: nn.Module) -> bool:
     """True when ``module`` normalizes over the batch (BatchNorm in training mode)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
@@ -151,14 +162,9 @@ class StackedExperts(nn.Module):
 
     def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
         views = self.expert_tensors()
-        if set(state) != set(views):
-            missing, extra = set(views) - set(state), set(state) - set(views)
-            raise ValueError(f"expert state does not fit: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        check_state_fits(state, {k: v.shape[1:] for k, v in views.items()})
         with torch.no_grad():
             for k, v in state.items():
-                if tuple(v.shape) != tuple(views[k].shape[1:]):
-                    raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs "
-                                     f"{tuple(views[k].shape[1:])}")
                 views[k][j].copy_(v)
 
     def to_experts(self) -> list[nn.Module]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..config import ExpertConfig
 from ..models import fast_elu
 from ..rng import seeded
+from .base import check_state_fits
 
 
 def _resampling(cfg: ExpertConfig) -> tuple[set, set]:
@@ -265,17 +266,12 @@ class ExpertBank(nn.Module):
 
     def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
         views = self.expert_tensors()
-        if set(state) != set(views):
-            missing, extra = set(views) - set(state), set(state) - set(views)
-            raise ValueError(f"expert state does not fit: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        check_state_fits(state, self._template)
         with torch.no_grad():
             for k, v in state.items():
                 if k.endswith("num_batches_tracked"):
                     self.norms[int(k.split(".")[1])].num_batches_tracked.copy_(v)
                     continue
-                if tuple(v.shape) != tuple(self._template[k]):
-                    raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs "
-                                     f"{tuple(self._template[k])}")
                 views[k][j].copy_(v)
 
     def to_experts(self) -> list[Expert]:
