@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..config import ExpertConfig
 from ..errors import ConfigError
+from ..rng import seeded
 from .base import StackedExperts, couples_examples
 from .conv import ConvFamily
 from .stn import STNExpert
@@ -92,7 +93,8 @@ def check_expert(name: str, make: Callable[[], nn.Module], channels: int, image_
     output has the input's shape and dtype, finite, in [0, 1]; else one line naming the family."""
     where = f"expert.arch '{name}'"
     try:
-        module = make()
+        with seeded(0, "expert-probe"):  # the global RNG is left as it was: training draws stay the same
+            module = make()
     except Exception as e:
         raise ConfigError(f"{where} raised {type(e).__name__} when built: {' '.join(str(e).split())}") from None
     if not isinstance(module, nn.Module):

@@ -95,7 +95,8 @@ class StackedExperts(nn.Module):
         self.couples = couples_examples(copies[0])
         self.use_vmap = use_vmap
         if use_vmap is None:
-            self.use_vmap = self._vmap_works(torch.rand(2, channels, image_size, image_size))
+            probe = torch.rand(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
+            self.use_vmap = self._vmap_works(probe)
 
     @staticmethod
     def _mangle(name: str) -> str:
