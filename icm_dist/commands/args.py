@@ -30,5 +30,4 @@ def at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
     return parse

@@ -93,10 +93,9 @@ class ImageData:
         """What a user should hear about before training on these images: how many there are, how many hold
         almost nothing (fewer than ``NEAR_BLANK_SHARE`` of their pixels stand out from the image's mean by
         ``STANDS_OUT``: a faulty renderer's output) and how many repeat an earlier image exactly."""
-        x = torch.cat([self.train_x, self.test_x]).flatten(1)
         near_blank = dup = 0
         seen: set[bytes] = set()
-        for chunk in x.split(8192):
+        for chunk in (*self.train_x.flatten(1).split(8192), *self.test_x.flatten(1).split(8192)):
             off = (chunk - chunk.mean(1, keepdim=True)).abs() > STANDS_OUT
             near_blank += int((off.float().mean(1) < NEAR_BLANK_SHARE).sum())
             for row in to_uint8(chunk).numpy():
@@ -135,7 +134,6 @@ def check_memory(n: int, channels: int, size: int, where: str) -> None:
         raise DataError(f"data.image_size={size}: {where}'s {n:,} images of {channels}x{size}x{size} need about "
                         f"{need / 2**30:,.0f} GiB as float32, and this machine has {have / 2**30:,.0f} GiB; use a "
                         "smaller data.image_size (or fewer images)")
-
 
 
 def fit_size(x_NCHW: Tensor, size: int) -> Tensor:

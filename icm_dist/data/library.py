@@ -271,6 +271,7 @@ def _blank_B(x_BCHW: Tensor) -> Tensor:
 def _call_checked(m: Resolved, x_BCHW: Tensor, ids_B: Tensor, seed: int, where: str) -> Tensor:
     """``m.fn`` on a batch, its output checked example by example: the first problem stops with one line
     naming the mechanism (``where``) and the example (its global id)."""
+    had_B = ~_blank_B(x_BCHW) if x_BCHW.numel() else None
     try:
         y = m.fn(x_BCHW.clone(), ids_B, seed)
     except Exception as e:  # a user's function may raise anything: report it as the mechanism's fault
@@ -293,8 +294,8 @@ def _call_checked(m: Resolved, x_BCHW: Tensor, ids_B: Tensor, seed: int, where: 
                         f"{int(ids_B[k])}, outside [0, 1] (clamp them)")
     # A mechanism that leaves nothing of most images (a shift by more than the image, a cutout as large as
     # it) gives the committee nothing to invert, yet every expert "captures" it: refuse it here.
-    blanked_B = _blank_B(y) & ~_blank_B(x_BCHW)
-    had = int((~_blank_B(x_BCHW)).sum())
+    blanked_B = _blank_B(y) & had_B
+    had = int(had_B.sum())
     if had and int(blanked_B.sum()) * 2 > had:
         raise DataError(f"{where} leaves nothing of {int(blanked_B.sum())} of {had} images (a constant image, "
                         f"first example {_first(ids_B, blanked_B)}): its parameters move or cut the whole image away")

@@ -92,7 +92,6 @@ class StackedExperts(nn.Module):
             self.register_parameter(self._mangle(n), nn.Parameter(params[n].detach().clone()))
         for n in self._buffer_names:
             self.register_buffer(self._mangle(n), buffers[n].clone())
-        self.couples = couples_examples(copies[0])
         self.use_vmap = use_vmap
         if use_vmap is None:
             probe = torch.rand(2, channels, image_size, image_size, generator=torch.Generator().manual_seed(0))
