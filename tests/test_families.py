@@ -71,6 +71,16 @@ def test_stacked_experts_compute_what_each_module_computes(make):
         assert torch.equal(v, fast.expert_state(1)[k]), k
 
 
+def test_a_chain_of_other_families_applies_and_names_the_size_it_needs():
+    from icm_dist.commands.reuse import apply_chain
+    from icm_dist.errors import CheckpointError
+
+    chain = [STNExpert(1, width=4, depth=1, loc_width=4).eval(), UNetExpert(1, width=4, levels=2).eval()]
+    assert apply_chain(chain, torch.rand(3, 1, 32, 32)).shape == (3, 1, 32, 32)
+    with pytest.raises(CheckpointError, match="needs sizes divisible by 4"):
+        apply_chain(chain, torch.rand(3, 1, 30, 30))
+
+
 def test_the_layout_rule_of_the_seam():
     """Every parameter and buffer of a block splits as [E, ...] with expert j's tensors at j (what the masked
     Adam and the losers' buffer restore rely on), under the standalone module's names."""

@@ -19,6 +19,8 @@ from icm_dist.data.mechanisms import SHIFT_PIXELS, get_mechanism, shift
 from icm_dist.data.symbols import MARGIN, _stroke_estimate, load_symbols, render_symbols, symbols
 from icm_dist.errors import DataError
 from icm_dist.families.conv import Expert
+from icm_dist.families.stn import STNExpert
+from icm_dist.families.unet import UNetExpert
 
 REPO = Path(__file__).resolve().parents[1]
 S = SHIFT_PIXELS
@@ -186,6 +188,10 @@ def test_expert_fn_runs_pooled_experts_on_46x46():
         e = Expert(ExpertConfig(num=1, width=4, depth=4, pool=pool)).eval()
         with torch.no_grad():
             y = expert_fn(e)(symbols(2))
+        assert y.shape == (2, 1, 46, 46) and float(y.min()) >= 0 and float(y.max()) <= 1
+    for e in (UNetExpert(1, width=4, levels=2).eval(), STNExpert(1, width=4, depth=1, loc_width=4).eval()):
+        with torch.no_grad():
+            y = expert_fn(e)(symbols(2))  # unet halves the sides twice: 46 is padded to 48 and cropped back
         assert y.shape == (2, 1, 46, 46) and float(y.min()) >= 0 and float(y.max()) <= 1
 
 

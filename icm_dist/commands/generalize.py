@@ -43,6 +43,7 @@ from ..data.library import resolve_mechanism, resolve_mechanisms  # noqa: E402
 from ..data.mechanisms import SHIFT_PIXELS, Mechanism  # noqa: E402
 from ..data.symbols import load_symbols  # noqa: E402
 from ..errors import CheckpointError, ConfigError  # noqa: E402
+from ..families import size_multiple  # noqa: E402
 from ..rundir import RunDir  # noqa: E402
 from .args import at_least  # noqa: E402
 from .outputs import claim_file, json_is, write_text  # noqa: E402
@@ -194,10 +195,10 @@ def measure_composition(
 
 
 def expert_fn(expert: torch.nn.Module) -> Fn:
-    """An ``Expert`` as a callable on any image size: sizes not divisible by ``2**pool`` (46 with pool 2)
-    are padded by edge replication and cropped back, which only touches the outermost pixel rows."""
-    pool = getattr(getattr(expert, "cfg", None), "pool", 0)
-    m = 2 ** pool
+    """An expert as a callable on any image size: sizes not divisible by what its family needs (46 with
+    conv's pool 2, or unet's two levels) are padded by edge replication and cropped back, which only
+    touches the outermost pixel rows."""
+    m = size_multiple(expert)
 
     def fn(x: Tensor) -> Tensor:
         H, W = x.shape[-2:]

@@ -33,7 +33,7 @@ from ..dist import Dist, ShardPlan
 from ..errors import CheckpointError, ConfigError, OutputError
 from ..evaluate import run_committee
 from ..experts import LocalExperts
-from ..families import get_family
+from ..families import get_family, size_multiple
 from ..identity import identity_init
 from ..models import make_discriminator
 from ..protocol import build_protocol
@@ -330,9 +330,9 @@ def apply_committee(src: Source, x: torch.Tensor) -> dict:
 def apply_chain(chain: list[nn.Module], x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """``chain[-1](... chain[0](x))``: the composition of Figure 8."""
     for e in chain:
-        pool = e.cfg.pool
-        if x.shape[-1] % 2 ** pool or x.shape[-2] % 2 ** pool:
-            raise CheckpointError(f"an expert with pool={pool} needs sizes divisible by {2 ** pool}, "
+        m = size_multiple(e)
+        if x.shape[-1] % m or x.shape[-2] % m:
+            raise CheckpointError(f"this expert ({type(e).__name__}) needs sizes divisible by {m}, "
                                   f"got {tuple(x.shape[-2:])}")
         x = torch.cat([e(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
     return x

@@ -88,6 +88,11 @@ def get_family(cfg: ExpertConfig):
     return ModuleFamily(cfg.arch, _import(cfg.arch))
 
 
+def size_multiple(expert: nn.Module) -> int:
+    """The number an expert's image sides must be multiples of (its ``size_multiple``; 1 if it says nothing)."""
+    return int(getattr(expert, "size_multiple", 1))
+
+
 def check_expert(name: str, make: Callable[[], nn.Module], channels: int, image_size: int) -> None:
     """One expert from ``make`` on a probe batch ``[2, C, S, S]`` in [0, 1]: it must be an nn.Module whose
     output has the input's shape and dtype, finite, in [0, 1]; else one line naming the family."""
@@ -117,4 +122,4 @@ def check_expert(name: str, make: Callable[[], nn.Module], channels: int, image_
                           "batch; an expert's output must lie in [0, 1] (end with a sigmoid or a clamp)")
 
 
-__all__ = ["FAMILIES", "ModuleFamily", "StackedExperts", "check_expert", "get_family"]
+__all__ = ["FAMILIES", "ModuleFamily", "StackedExperts", "check_expert", "get_family", "size_multiple"]

@@ -118,6 +118,11 @@ class Expert(nn.Module):
         self.norms = nn.ModuleList(make_norm(cfg) for _ in range(cfg.depth))
         self.out = nn.Conv2d(cfg.width, channels, 3, padding=1)
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (each of the ``pool`` poolings halves them)."""
+        return 2 ** self.cfg.pool
+
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         h = run_blocks(self.cfg, x_BCHW, lambda i, h: conv_forward(self.convs[i], h, self.cfg),
                        lambda i, h: self.norms[i](h), F.elu)

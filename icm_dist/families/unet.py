@@ -28,6 +28,7 @@ class UNetExpert(nn.Module):
         self.glob = nn.Linear(widths[levels], widths[levels])
         self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in reversed(range(levels)))
         self.out = nn.Conv2d(widths[0], channels, 3, padding=1)
+        self.size_multiple = 2 ** levels  # image sides: each level halves them
 
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         skips, h = [], x_BCHW
