@@ -181,7 +181,6 @@ def _is_colour(img: Image.Image) -> bool:
 
 def _stack_fitted(images: list[Image.Image], size: int, rgb: bool, where: str) -> Tensor:
     """PIL images as uint8 ``[N, C, size, size]``: each read, fitted to the size rule, stacked."""
-    check_memory(len(images), 3 if rgb else 1, size, where)
     out = torch.empty(len(images), 3 if rgb else 1, size, size, dtype=torch.uint8)
     for i, img in enumerate(images):
         t = pil_to_tensor(img, rgb).float().div_(255)[None]
@@ -194,6 +193,7 @@ def _stack_fitted(images: list[Image.Image], size: int, rgb: bool, where: str) -
 def _train_and_test(read: dict, size: int, rgb: bool, where: str) -> dict:
     """The read parts (``{"train": (images, labels), "test": ...}`` or ``{"all": ...}``, split here by a fixed
     seed) as the train and test tensors of the size rule."""
+    check_memory(sum(len(images) for images, _ in read.values()), 3 if rgb else 1, size, where)
     if "all" not in read:
         out = {}
         for part in ("train", "test"):
