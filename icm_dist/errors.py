@@ -27,6 +27,12 @@ def on_every_rank(error: IcmError) -> IcmError:
     return error
 
 
+def on_this_rank(error: IcmError) -> IcmError:
+    """``error``, marked as one this rank may raise alone (an import that fails on one node): it prints it."""
+    error.same_on_every_rank = False
+    return error
+
+
 class ConfigError(IcmError):
     """A config key, type or value that cannot work."""
 

@@ -31,7 +31,7 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from icm_dist.data.mechanisms import MECHANISMS, Mechanism, gaussian_noise, shift, uniform_per_example
-from icm_dist.errors import ConfigError, DataError
+from icm_dist.errors import ConfigError, DataError, on_this_rank
 
 
 class Resolved(NamedTuple):
@@ -186,7 +186,7 @@ def _import(path: str) -> Callable:
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError, TypeError) as e:  # ":fn" and ".rel:fn" raise the latter
-        raise ConfigError(f"mechanism '{path}': cannot import it ({type(e).__name__}: {e})") from None
+        raise on_this_rank(ConfigError(f"mechanism '{path}': cannot import it ({type(e).__name__}: {e})")) from None
     if not callable(fn):
         raise ConfigError(f"mechanism '{path}' is not callable")
     return fn

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ExpertConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, on_this_rank
 from ..rng import seeded
 from .base import StackedExperts, couples_examples
 from .conv import ConvFamily
@@ -70,9 +70,10 @@ def _import(path: str) -> Callable[..., nn.Module]:
     try:
         obj = getattr(importlib.import_module(module), attr)
     except Exception as e:  # a user's module may fail to import in any way: name it and the reason
-        raise ConfigError(f"expert.arch '{path}' cannot be imported ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())}); an expert of this family needs it importable on every "
-                          "rank and wherever its checkpoint or exported file is loaded") from None
+        raise on_this_rank(ConfigError(
+            f"expert.arch '{path}' cannot be imported ({type(e).__name__}: {' '.join(str(e).split())}); an expert "
+            "of this family needs it importable on every rank and wherever its checkpoint or exported file is "
+            "loaded")) from None
     if not callable(obj):
         raise ConfigError(f"expert.arch '{path}' is a {type(obj).__name__}, not a callable returning an nn.Module")
     return obj
