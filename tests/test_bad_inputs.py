@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 from procs import run
+from runs import train_here
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -223,15 +224,8 @@ def _snapshot(path: Path) -> dict | None:
 
 
 def _train(out: Path, data_root: str, *more: str) -> None:
-    from icm_dist.config import load_config
-    from icm_dist.trainer import train
-
-    threads = torch.get_num_threads()
-    try:
-        train(load_config(str(REPO / "configs/tiny.yaml"), [f"run.out_dir={out}", f"data.root={data_root}", *SHORT,
-                                                            "run.progress=false", *more]))
-    finally:
-        torch.set_num_threads(threads)
+    train_here(REPO / "configs/tiny.yaml", [f"run.out_dir={out}", f"data.root={data_root}", *SHORT,
+                                            "run.progress=false", *more])
 
 
 def _image_folder(root: Path) -> None:

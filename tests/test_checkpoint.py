@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runs import same_tensors, train_here
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -48,27 +49,7 @@ def _overrides(out: Path, data_root: str, *more: str) -> list[str]:
 
 
 def _train(out: Path, data_root: str, *more: str):
-    from icm_dist.trainer import train
-
-    threads = torch.get_num_threads()
-    try:
-        return train(load_config(TINY, _overrides(out, data_root, *more)))
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bits(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _same_tensors(a: Path, b: Path) -> list[str]:
-    """Names of tensors that differ (bitwise) between two checkpoint directories."""
-    diff = []
-    for f in sorted(p.name for p in a.glob("*.safetensors")):
-        ta, tb = load_file(str(a / f)), load_file(str(b / f))
-        assert ta.keys() == tb.keys(), f
-        diff += [f"{f}:{k}" for k in ta if ta[k].dtype != tb[k].dtype or _bits(ta[k]) != _bits(tb[k])]
-    return diff
+    return train_here(TINY, _overrides(out, data_root, *more))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +76,7 @@ def _copy_run(run_a: Path, dst: Path) -> Path:
 def test_resume_is_bitwise(run_a, tmp_path, data_root):
     """Resumed at iteration 4 (explicit path, new out_dir; and resume=auto in place): iteration 8 equal to the bit."""
     _train(tmp_path / "b", data_root, f"resume={run_a / 'checkpoints' / 'iter_0000004'}")
-    assert _same_tensors(run_a / "checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
+    assert same_tensors(run_a / "checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
 
     c = _copy_run(run_a, tmp_path / "c")
     shutil.rmtree(c / "checkpoints/iter_0000008")
@@ -103,7 +84,7 @@ def test_resume_is_bitwise(run_a, tmp_path, data_root):
     with open(c / "metrics.jsonl", "a") as f:  # a crash can cut the last line short: resume must not trip on it
         f.write('{"iteration": 9, "d_lo')
     _train(c, data_root, "resume=auto")
-    assert _same_tensors(run_a / "checkpoints/iter_0000008", c / "checkpoints/iter_0000008") == []
+    assert same_tensors(run_a / "checkpoints/iter_0000008", c / "checkpoints/iter_0000008") == []
 
     # Metrics: the resumed rows replace the dropped ones, and the deterministic ones agree.
     def losses(run):
@@ -123,7 +104,7 @@ def test_resume_with_splits_is_bitwise(tmp_path, data_root):
     assert a["splits"] and a["splits"][0]["iteration"] == 3, a["splits"]
     b = _train(tmp_path / "b", data_root, *SPLIT_OFTEN, f"resume={tmp_path / 'a/checkpoints/iter_0000004'}")
     assert b["splits"] == a["splits"]
-    assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
+    assert same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "b/checkpoints/iter_0000008") == []
 
 
 def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path, data_root):
@@ -137,7 +118,7 @@ def test_extending_a_finished_run_equals_asking_for_more_from_the_start(tmp_path
     rows = [json.loads(x) for x in (tmp_path / "short/metrics.jsonl").read_text().splitlines()]
     evals = [r["iteration"] for r in rows if "eval/accuracy/transformed" in r]
     assert evals == [2, 4, 8], evals  # the short run's (2, then its final one at 4), then the extension's final
-    assert _same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "short/checkpoints/iter_0000008") == []
+    assert same_tensors(tmp_path / "a/checkpoints/iter_0000008", tmp_path / "short/checkpoints/iter_0000008") == []
 
 
 def test_checkpoint_layout_and_manifest(run_a):
@@ -464,7 +445,7 @@ def test_crash_inside_a_save_resumes_from_the_last_complete_checkpoint_bitwise(r
     summary = _train(run, data_root, "resume=auto")
     assert f"resume=auto: resuming from {want}" in capsys.readouterr().out
     assert summary["iterations"] == 8
-    assert _same_tensors(run_a / "checkpoints/iter_0000008", root / "iter_0000008") == []
+    assert same_tensors(run_a / "checkpoints/iter_0000008", root / "iter_0000008") == []
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
     assert (root / "latest").read_text() == "iter_0000008\n"
 
@@ -505,7 +486,7 @@ def test_resave_of_an_existing_iteration_swaps_it_in(run_a, tmp_path, cfg):
     assert again["world_size"] == 2 and again["resaved"] is True and again["trainer_state"] == m["trainer_state"]
     assert sorted(p.name for p in root.iterdir()) == ["iter_0000004", "iter_0000008", "latest"]
     assert (root / "latest").read_text() == "iter_0000008\n"
-    assert _same_tensors(run_a / "checkpoints/iter_0000008", final) == []
+    assert same_tensors(run_a / "checkpoints/iter_0000008", final) == []
 
 
 def test_crash_inside_the_swap_of_a_resave_loses_no_checkpoint(run_a, tmp_path, cfg, monkeypatch):
@@ -528,7 +509,7 @@ def test_crash_inside_the_swap_of_a_resave_loses_no_checkpoint(run_a, tmp_path, 
     cfg.resume, cfg.run.out_dir = "auto", str(run)
     found = ck.resolve_resume(cfg, log=lambda *a: None, restarts=0)
     assert found == root / "iter_0000008"
-    assert _same_tensors(run_a / "checkpoints/iter_0000008", found) == []
+    assert same_tensors(run_a / "checkpoints/iter_0000008", found) == []
     ck.begin_checkpoint(other, 12)
     assert sorted(p.name for p in (other / "checkpoints").iterdir()) == [".tmp_iter_0000012", "iter_0000008", "latest"]
     assert ck.verify_checkpoint(other / "checkpoints/iter_0000008")["iteration"] == 8
@@ -787,14 +768,7 @@ def test_surgery_remove_add_and_train_on(run_a, tmp_path, data_root, monkeypatch
     assert "num: 4" in cfg_text and "resume: auto" in cfg_text
 
     # Train on from it: the new config (resume=auto) continues at iteration 8 with 4 experts.
-    from icm_dist.trainer import train
-
-    cfg = load_config(str(tmp_path / "s" / "config.yaml"), ["threads=1"])
-    threads = torch.get_num_threads()
-    try:
-        summary = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    summary = train_here(tmp_path / "s" / "config.yaml", ["threads=1"])
     assert summary["iterations"] == 10 and summary["num_experts"] == 4
     assert ck.verify_checkpoint(tmp_path / "s/checkpoints/iter_0000010")["num_experts"] == 4
 
