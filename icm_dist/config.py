@@ -148,7 +148,8 @@ class TrainConfig:
     """Compute precision of the forward passes: bf16 autocast (weights and optimizer state stay fp32) or fp32.
     ``auto`` picks bf16 where the hardware computes it natively (``precision.resolve_precision`` says where)."""
     channels_last: bool = True
-    """Run convolutions in channels_last memory format (measured faster with oneDNN and cuDNN alike)."""
+    """Run convolutions in channels_last memory format (measured faster with oneDNN and cuDNN alike). Applies
+    to D and to the ``conv`` family's bank; other families' stacked weights are 5-D and stay as they are."""
     expert_backward: Literal["auto", "dense", "winners"] = "auto"
     """``dense``: every expert's graph over the whole batch, the paper's formulation. ``winners``: every
     expert scores without a graph, then each winner re-runs only on the examples it won and only that is

@@ -22,9 +22,9 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+from inproc import train_here
 from PIL import Image
 from procs import run
-from runs import train_here
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import same_tensors, train_here
+from inproc import same_tensors, train_here
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

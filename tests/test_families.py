@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from inproc import same_tensors, train_here
 from procs import run
-from runs import same_tensors, train_here
 from safetensors.torch import save_file
 
 from icm_dist.config import ExpertConfig
