@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from inproc import same_tensors
 from procs import free_port, run_together
-from test_resume_launch import _diff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,4 +74,4 @@ def test_a_killed_node_worker_restarts_the_group_and_resumes_bitwise(two_node_ru
     assert "test hook: rank 1 SIGKILLs itself after iteration 13" in log
     assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
     assert json.loads((out / "summary.json").read_text())["iterations"] == 20
-    assert _diff(ref / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
+    assert same_tensors(ref / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []

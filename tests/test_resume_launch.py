@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from inproc import same_tensors
 from procs import run
-from safetensors.torch import load_file
 
 from icm_dist.precision import resolve_precision, world_size_promise
 
@@ -49,19 +49,6 @@ def _run(cmd: list[str], **env) -> subprocess.CompletedProcess:
     return r
 
 
-def _bits(t) -> bytes:
-    return t.contiguous().view(-1).numpy().view("uint8").tobytes()
-
-
-def _diff(a: Path, b: Path) -> list[str]:
-    out = []
-    for f in sorted(p.name for p in a.glob("*.safetensors")):
-        ta, tb = load_file(str(a / f)), load_file(str(b / f))
-        assert ta.keys() == tb.keys(), f
-        out += [f"{f}:{k}" for k in ta if _bits(ta[k]) != _bits(tb[k])]
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_root, mnist):
     out = tmp_path_factory.mktemp("launch") / "ref"
@@ -82,7 +69,7 @@ def test_sigkill_one_worker_torchrun_restarts_and_finishes_bitwise(reference, tm
     assert "failed (exitcode:" in log  # torchrun saw the group fail
     assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
     assert json.loads((out / "summary.json").read_text())["iterations"] == 20
-    assert _diff(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
+    assert same_tensors(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
     # The restarted run rewrote iterations 11-13: metrics.jsonl holds each training row once.
     its = [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()
            if "d_loss" in json.loads(x)]
@@ -112,7 +99,7 @@ def test_rank0_killed_under_an_inherited_wandb_service_restarts_and_resumes_its_
     log = r.stdout + r.stderr
     assert "test hook: rank 0 SIGKILLs itself after iteration 13" in log
     assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
-    assert _diff(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
+    assert same_tensors(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
     # Both attempts logged to one wandb run: the killed one and the restart that resumed it.
     rid = (out / "wandb_run_id").read_text().strip()
     assert len(list((out / "wandb").glob(f"offline-run-*-{rid}"))) == 2
@@ -130,4 +117,4 @@ def test_checkpoint_of_two_ranks_resumes_on_three_and_one(reference, tmp_path, d
     assert f"world size {world}" in r.stdout
     saved = json.loads((out / "checkpoints/iter_0000010/manifest.json").read_text())
     assert saved["world_size"] == world and json.loads((src / "manifest.json").read_text())["world_size"] == 2
-    assert _diff(src, out / "checkpoints/iter_0000010") == []
+    assert same_tensors(src, out / "checkpoints/iter_0000010") == []

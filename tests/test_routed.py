@@ -17,9 +17,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from inproc import same_tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_checkpoint import _same_tensors
 from test_checkpoint import _train as train_tiny
 from test_norms import _batches, _cfg, _one_step
 from test_policies import _train as train_ranks
@@ -236,7 +236,7 @@ def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_p
     assert a["routing"]["routed_steps"] == sum(routed_iteration(it, 2, 4, 3) for it in range(1, 9))
     last = "checkpoints/iter_0000008"
     assert (tmp_path / "a" / last / "router.safetensors").is_file()
-    assert _same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
+    assert same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
 
 
 def test_a_checkpoint_that_kept_the_recall_in_its_trainer_state_resumes_with_it(tmp_path, data_root):
