@@ -3,6 +3,7 @@
     python bench/step.py                      # paper config (10 experts, batch 32) and 40 experts
     python bench/step.py --experts 10 --steps 20 --device cuda
     python bench/step.py --set expert.norm=group      # any config override, applied to every path
+    python bench/step.py --arch conv stn unet         # each expert family's step beside the first's
 
 Reference path: ``reference.reference_step``, a plain loop over ``Expert`` modules in fp32 with a
 dense backward through every expert and D, and a separate D update (what the public
@@ -15,6 +16,11 @@ that all see the same machine state; the medians are compared. Also: identity-in
 evaluation throughput, and peak memory of the reference and the fast path (a child process each).
 
 The last line reads ``speedup N.NNx`` (reference over fast, paper config).
+
+With ``--arch``, the families instead: the fast step of each family (``expert.arch``, on top of the
+paper config and ``--set``) at each committee size, one step of each per round, with its ratio to the
+first family's step and its peak memory; the last line reads ``<arch> N.NNx`` for each family after the
+first (its step over the first's, headline size).
 """
 
 from __future__ import annotations
@@ -66,12 +72,17 @@ def batch(proto, cfg, t, device):
     return f.to(device), r.to(device)
 
 
-def make_paths(cfg, dist):
+def fast_path(cfg, dist):
+    """The trainer's experts, D and D's optimizer for one process holding every expert."""
     fast = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
     D_fast = make_discriminator(cfg).to(dist.device)
     if cfg.train.channels_last:
         D_fast = D_fast.to(memory_format=torch.channels_last)
-    opt_fast = torch.optim.Adam(D_fast.parameters(), lr=1e-3)
+    return fast, D_fast, torch.optim.Adam(D_fast.parameters(), lr=1e-3)
+
+
+def make_paths(cfg, dist):
+    fast, D_fast, opt_fast = fast_path(cfg, dist)
     ref = [e.float().to(memory_format=torch.contiguous_format) for e in fast.bank.to_experts()]
     ref_opts = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in ref]
     D_ref = copy.deepcopy(D_fast).to(memory_format=torch.contiguous_format)
@@ -117,6 +128,52 @@ def time_steps(cfg, proto, dist, steps: int, warmup: int = 3) -> dict[str, float
             if t >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def time_families(arches: list[str], experts: int, device: str, overrides, steps: int,
+                  warmup: int = 3) -> dict[str, float]:
+    """Median fast-step times (s) of each family at one committee size, in rotation."""
+    paths, plan = {}, ShardPlan(experts, 1)
+    for arch in arches:
+        cfg, proto, dist = setup(experts, device, [*overrides, f"expert.arch={arch}"])
+        ex, D, opt = fast_path(cfg, dist)
+        paths[arch] = functools.partial(competition_step, ex, D, opt, plan=plan, dist=dist)
+    times: dict[str, list] = {k: [] for k in paths}
+    for t in range(warmup + steps):
+        f, r = batch(proto, cfg, t, dist.device)
+        for arch, step in paths.items():
+            sync(dist.device)
+            t0 = time.perf_counter()
+            step(x_fake_BCHW=f, x_real_BCHW=r)
+            sync(dist.device)
+            if t >= warmup:
+                times[arch].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def families_main(args) -> None:
+    rows = []
+    for n in args.experts:
+        med = time_families(args.arch, n, args.device, args.set, args.steps)
+        for arch in args.arch:
+            mem = None if args.no_memory else peak_memory("fast", n, args.device,
+                                                          [*args.set, f"expert.arch={arch}"])
+            rows.append({"experts": n, "arch": arch, "step_ms": 1000 * med[arch],
+                         "ratio": med[arch] / med[args.arch[0]], "peak_mib": mem})
+    cfg, _, dist = setup(args.experts[0], args.device, args.set)
+    name = (torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} threads, {describe_cpu()}")
+    print(f"device: {name}; precision {resolve_precision(cfg.train.precision, dist.device)}, "
+          f"compile {cfg.train.compile}; batch {cfg.train.batch_size}; overrides {args.set or 'none'}")
+    print(f"{'experts':>7} {'arch':>24} {'step ms':>8} {'ratio':>6} {'peak MiB':>9}")
+    for r in rows:
+        mem = f"{r['peak_mib']:9.0f}" if r["peak_mib"] is not None else f"{'-':>9}"
+        print(f"{r['experts']:>7} {r['arch']:>24} {r['step_ms']:8.1f} {r['ratio']:5.2f}x {mem}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "rows": rows}, f, indent=1)
+    head = [r for r in rows if r["experts"] == args.experts[0]]
+    print(" ".join(f"{r['arch']} {r['ratio']:.2f}x" for r in head[1:]))
 
 
 def throughput(cfg, proto, dist):
@@ -190,7 +247,12 @@ def main():
     ap.add_argument("--json", help="also write the results to this JSON file")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides on top of configs/paper.yaml, e.g. expert.norm=group")
+    ap.add_argument("--arch", nargs="*", metavar="ARCH",
+                    help="time these expert families' fast steps side by side instead (the first is the baseline), "
+                         "e.g. conv stn unet")
     args = ap.parse_args()
+    if args.arch:
+        return families_main(args)
     rows = []
     for n in args.experts:
         cfg, proto, dist = setup(n, args.device, args.set)

@@ -46,8 +46,15 @@ def unbounded(channels):
 '''
 
 
+ROTATIONS = [0, 90, 180, 270]
+
+
 @pytest.mark.parametrize("make", [lambda: STNExpert(1, width=8, depth=2, loc_width=4),
-                                  lambda: UNetExpert(1, width=4, levels=2)], ids=["stn", "unet"])
+                                  lambda: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS),
+                                  lambda: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS,
+                                                    select="expert"),
+                                  lambda: UNetExpert(1, width=4, levels=2)],
+                         ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
     """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
     one expert's state loads into a fresh module that computes the same."""
@@ -70,6 +77,23 @@ def test_stacked_experts_compute_what_each_module_computes(make):
     alone = StackedExperts(make, seed=3, ids=[5], channels=1, image_size=16)
     for k, v in alone.expert_state(0).items():
         assert torch.equal(v, fast.expert_state(1)[k]), k
+
+
+def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_uniform():
+    """A base rotation samples the input at turned pixel centres: a quarter turn and a half turn are
+    torch.rot90 up to float rounding, not an interpolated approximation; the hypotheses start equal."""
+    x = torch.rand(2, 1, 16, 16)
+    H = 16
+    c = (torch.arange(H) * 2 + 1) / H - 1
+    grid = torch.stack([c.expand(H, H), c[:, None].expand(H, H)], -1)[None].expand(2, H, H, 2)
+    for degrees, turns in ((90, 1), (180, 2), (270, 3)):
+        e = STNExpert(1, rotations=[0, degrees])
+        cos, sin = e.rotations[1]
+        torch.testing.assert_close(e._sample(x, grid, cos, sin), torch.rot90(x, turns, (-2, -1)), atol=1e-5, rtol=0)
+    e = STNExpert(1, rotations=ROTATIONS, select="expert")
+    assert torch.equal(e.weights(None), torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match="select must be"):
+        STNExpert(1, rotations=ROTATIONS, select="batch")
 
 
 def test_a_chain_of_other_families_applies_and_names_the_size_it_needs():

@@ -5,11 +5,23 @@ The warp is a similarity by default (``warp: similarity``: a rotation angle, a l
 translation, so a rotation is one number to learn rather than four coupled ones), or a general affine
 map (``warp: affine``). The localization network's last layer starts at zero, so every expert starts
 from the identity warp; identity initialization then trains the refinement towards the identity.
+
+Gradient descent on a warp's angle from the identity does not find a half turn: every path from 0 to
+180 degrees passes through sideways digits that look worse than doing nothing. ``rotations`` (degrees,
+e.g. ``[0, 90, 180, 270]``) gives an expert several warp hypotheses: the learned warp followed by each
+fixed base rotation, each sampled from the input, mixed with the expert's own softmax weights (one
+logit per hypothesis, a parameter of the expert, not of the example, so that an expert commits to one
+rotation as a mechanism does). The mixture is linear in the weights, so the path from "upright" to
+"upside down" is a straight blend that the discriminator's gradient can follow; the learned warp then
+only has to find the residual (at most 45 degrees with four hypotheses). The logits start equal and
+identity initialization raises the 0-degree one.
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -22,11 +34,23 @@ def _groups(ch: int) -> int:
 
 class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
-                 warp: str = "similarity"):
+                 warp: str = "similarity", rotations: tuple = (0,), select: str = "example",
+                 select_gain: float = 10.0, residual: bool = False):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
+        if select not in ("example", "expert"):
+            raise ValueError(f"select must be example or expert, not {select!r}")
+        if not rotations:
+            raise ValueError("rotations must hold at least one angle (degrees), e.g. [0] or [0, 90, 180, 270]")
         self.warp = warp
+        # cos and sin of each base rotation, rounded so that quarter turns sample pixel centres exactly
+        self.rotations = [(round(math.cos(math.radians(a)), 12), round(math.sin(math.radians(a)), 12))
+                          for a in rotations]
+        # Adam moves a parameter by about lr a step; the gain lets the choice between hypotheses settle
+        # within a few hundred steps (a logit gap of several units) instead of thousands.
+        self.select_gain = float(select_gain)
+        self.per_example = select == "example"
         self.loc = nn.Sequential(
             nn.Conv2d(channels, loc_width, 3, stride=2, padding=1), nn.ELU(),
             nn.Conv2d(loc_width, 2 * loc_width, 3, stride=2, padding=1), nn.ELU(),
@@ -34,16 +58,26 @@ class STNExpert(nn.Module):
         self.head = nn.Linear(64, 4 if warp == "similarity" else 6)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if len(rotations) > 1 and self.per_example:
+            self.choose = nn.Linear(64, len(rotations))
+            nn.init.zeros_(self.choose.weight)
+            nn.init.zeros_(self.choose.bias)
+        elif len(rotations) > 1:
+            self.choose = nn.Parameter(torch.zeros(len(rotations)))
         layers: list[nn.Module] = []
         cin = channels
         for _ in range(depth):
             layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.GroupNorm(_groups(width), width), nn.ELU()]
             cin = width
         self.refine = nn.Sequential(*layers, nn.Conv2d(cin, channels, 3, padding=1))
+        self.residual = residual
+        if residual:  # the refinement adds a correction that starts at zero: the expert starts as the identity
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
 
-    def theta(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+    def theta(self, feat: torch.Tensor) -> torch.Tensor:
         """The warp of each example as ``affine_grid``'s ``[B, 2, 3]`` (the identity at initialization)."""
-        p = self.head(self.loc(x_BCHW)).float()
+        p = self.head(feat).float()
         if self.warp == "affine":
             eye = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=p.device)
             return (p + eye).view(-1, 2, 3)
@@ -52,8 +86,14 @@ class STNExpert(nn.Module):
         cos, sin = s * torch.cos(angle), s * torch.sin(angle)
         return torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
 
+    def weights(self, feat: torch.Tensor) -> torch.Tensor:
+        """The mixture weights of the base rotations, ``[B, K]`` or ``[K]`` (uniform at initialization)."""
+        logits = self.choose(feat) if self.per_example else self.choose
+        return torch.softmax(logits.float() * self.select_gain, -1)
+
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        theta = self.theta(x_BCHW)
+        feat = self.loc(x_BCHW)
+        theta = self.theta(feat)
         # affine_grid(theta, align_corners=False) written out: vmap has a batching rule for these ops and
         # none for affine_grid's kernel, which would run the copies one by one.
         H, W = x_BCHW.shape[-2:]
@@ -62,6 +102,22 @@ class STNExpert(nn.Module):
         base_HW3 = torch.stack([xs.expand(H, W), ys[:, None].expand(H, W), torch.ones(H, W, dtype=theta.dtype,
                                                                                         device=theta.device)], -1)
         grid = torch.einsum("hwk,bjk->bhwj", base_HW3, theta)
-        warped = F.grid_sample(x_BCHW.float(), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=False).to(x_BCHW.dtype)
+        x = x_BCHW.float()
+        if len(self.rotations) == 1:
+            warped = self._sample(x, grid, *self.rotations[0])
+        else:
+            w = self.weights(feat)
+            w = w[:, :, None, None, None] if self.per_example else w[None, :, None, None, None]
+            warped = sum(w[:, k] * self._sample(x, grid, c, s) for k, (c, s) in enumerate(self.rotations))
+        warped = warped.to(x_BCHW.dtype)
+        if self.residual:
+            return (warped + self.refine(warped)).clamp(0, 1)
         return torch.sigmoid(self.refine(warped))
+
+    @staticmethod
+    def _sample(x: torch.Tensor, grid: torch.Tensor, cos: float, sin: float) -> torch.Tensor:
+        """``x`` sampled at ``grid``'s points turned by the base rotation (about the image centre)."""
+        if (cos, sin) != (1.0, 0.0):
+            gx, gy = grid.unbind(-1)
+            grid = torch.stack([cos * gx - sin * gy, sin * gx + cos * gy], -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
