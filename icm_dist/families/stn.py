@@ -14,7 +14,12 @@ logit per hypothesis, a parameter of the expert, not of the example, so that an 
 rotation as a mechanism does). The mixture is linear in the weights, so the path from "upright" to
 "upside down" is a straight blend that the discriminator's gradient can follow; the learned warp then
 only has to find the residual (at most 45 degrees with four hypotheses). The logits start equal and
-identity initialization raises the 0-degree one.
+identity initialization raises the 0-degree one. This is an experiment, not a solved problem:
+docs/results.md ("Expert families on rotations and a shrink") shows the choice settling on the
+hypothesis an expert already wins rather than on its mechanism's inverse.
+
+``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
+the start, so that the expert starts as the identity without identity training.
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
 """
