@@ -103,6 +103,21 @@ def variants(cfg) -> list[tuple[str, list[str]]]:
     return out
 
 
+def rotate(paths: dict, proto, cfg, dist, steps: int, warmup: int) -> dict[str, float]:
+    """Median times (s) of ``paths[name](fake, real)``, one step of each per round on the same batch."""
+    times: dict[str, list] = {k: [] for k in paths}
+    for t in range(warmup + steps):
+        f, r = batch(proto, cfg, t, dist.device)
+        for name, step in paths.items():
+            sync(dist.device)
+            t0 = time.perf_counter()
+            step(f, r)
+            sync(dist.device)
+            if t >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def time_steps(cfg, proto, dist, steps: int, warmup: int = 3) -> dict[str, float]:
     """Median step times (s) of the reference path and of every fast variant, measured in rotation
     (one step of each per round) so that all see the same machine state. Compilation happens in the
@@ -117,17 +132,7 @@ def time_steps(cfg, proto, dist, steps: int, warmup: int = 3) -> dict[str, float
         (ex, D, opt), _ = make_paths(vcfg, dist) if over else ((fast, D_fast, opt_fast), None)
         paths[name] = functools.partial(lambda ex, D, opt, f, r: competition_step(ex, D, opt, f, r, plan, dist),
                                         ex, D, opt)
-    times: dict[str, list] = {k: [] for k in paths}
-    for t in range(warmup + steps):
-        f, r = batch(proto, cfg, t, dist.device)
-        for name, step in paths.items():
-            sync(dist.device)
-            t0 = time.perf_counter()
-            step(f, r)
-            sync(dist.device)
-            if t >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return rotate(paths, proto, cfg, dist, steps, warmup)
 
 
 def time_families(arches: list[str], experts: int, device: str, overrides, steps: int,
@@ -137,18 +142,9 @@ def time_families(arches: list[str], experts: int, device: str, overrides, steps
     for arch in arches:
         cfg, proto, dist = setup(experts, device, [*overrides, f"expert.arch={arch}"])
         ex, D, opt = fast_path(cfg, dist)
-        paths[arch] = functools.partial(competition_step, ex, D, opt, plan=plan, dist=dist)
-    times: dict[str, list] = {k: [] for k in paths}
-    for t in range(warmup + steps):
-        f, r = batch(proto, cfg, t, dist.device)
-        for arch, step in paths.items():
-            sync(dist.device)
-            t0 = time.perf_counter()
-            step(x_fake_BCHW=f, x_real_BCHW=r)
-            sync(dist.device)
-            if t >= warmup:
-                times[arch].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+        paths[arch] = functools.partial(lambda ex, D, opt, dist, f, r: competition_step(ex, D, opt, f, r, plan, dist),
+                                        ex, D, opt, dist)
+    return rotate(paths, proto, cfg, dist, steps, warmup)
 
 
 def families_main(args) -> None:
