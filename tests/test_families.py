@@ -50,9 +50,9 @@ ROTATIONS = [0, 90, 180, 270]
 
 
 @pytest.mark.parametrize("make", [lambda: STNExpert(1, width=8, depth=2, loc_width=4),
-                                  lambda: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS),
-                                  lambda: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS,
-                                                    select="expert"),
+                                  lambda: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS,
+                                                    select="example"),
+                                  lambda: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS),
                                   lambda: UNetExpert(1, width=4, levels=2)],
                          ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
@@ -90,7 +90,7 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
         e = STNExpert(1, rotations=[0, degrees])
         cos, sin = e.rotations[1]
         torch.testing.assert_close(e._sample(x, grid, cos, sin), torch.rot90(x, turns, (-2, -1)), atol=1e-5, rtol=0)
-    e = STNExpert(1, rotations=ROTATIONS, select="expert")
+    e = STNExpert(1, rotations=ROTATIONS)
     assert torch.equal(e.weights(None), torch.full((4,), 0.25))
     with pytest.raises(ValueError, match="select must be"):
         STNExpert(1, rotations=ROTATIONS, select="batch")

@@ -9,10 +9,11 @@ from the identity warp; identity initialization then trains the refinement towar
 Gradient descent on a warp's angle from the identity does not find a half turn: every path from 0 to
 180 degrees passes through sideways digits that look worse than doing nothing. ``rotations`` (degrees,
 e.g. ``[0, 90, 180, 270]``) gives an expert several warp hypotheses: the learned warp followed by each
-fixed base rotation, each sampled from the input, mixed with the expert's own softmax weights (one
-logit per hypothesis, a parameter of the expert, not of the example, so that an expert commits to one
-rotation as a mechanism does). The mixture is linear in the weights, so the path from "upright" to
-"upside down" is a straight blend that the discriminator's gradient can follow; the learned warp then
+fixed base rotation, each sampled from the input, mixed with softmax weights: by default one logit
+per hypothesis as a parameter of the expert (``select: expert``), so that an expert commits to one
+rotation as a mechanism does; ``select: example`` predicts them from each example instead. The
+mixture is linear in the weights, so the path from "upright" to "upside down" is a straight blend that
+the discriminator's gradient can follow; the learned warp then
 only has to find the residual (at most 45 degrees with four hypotheses). The logits start equal and
 identity initialization raises the 0-degree one. This is an experiment, not a solved problem:
 docs/results.md ("Expert families on rotations and a shrink") shows the choice settling on the
@@ -20,6 +21,7 @@ hypothesis an expert already wins rather than on its mechanism's inverse.
 
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
 the start, so that the expert starts as the identity without identity training.
+
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
 """
@@ -39,7 +41,7 @@ def _groups(ch: int) -> int:
 
 class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
-                 warp: str = "similarity", rotations: tuple = (0,), select: str = "example",
+                 warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
                  select_gain: float = 10.0, residual: bool = False):
         super().__init__()
         if warp not in ("similarity", "affine"):
