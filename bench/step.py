@@ -135,28 +135,26 @@ def time_steps(cfg, proto, dist, steps: int, warmup: int = 3) -> dict[str, float
     return rotate(paths, proto, cfg, dist, steps, warmup)
 
 
-def time_families(arches: list[str], experts: int, device: str, overrides, steps: int,
-                  warmup: int = 3) -> dict[str, float]:
-    """Median fast-step times (s) of each family at one committee size, in rotation."""
-    paths, plan = {}, ShardPlan(experts, 1)
+def time_families(cfg, proto, dist, arches: list[str], steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median fast-step times (s) of each family (``cfg`` with ``expert.arch`` set to it), in rotation."""
+    paths, plan = {}, ShardPlan(cfg.expert.num, 1)
     for arch in arches:
-        cfg, proto, dist = setup(experts, device, [*overrides, f"expert.arch={arch}"])
-        ex, D, opt = fast_path(cfg, dist)
-        paths[arch] = functools.partial(lambda ex, D, opt, dist, f, r: competition_step(ex, D, opt, f, r, plan, dist),
-                                        ex, D, opt, dist)
+        acfg = copy.deepcopy(cfg)
+        apply_override(acfg, f"expert.arch={arch}")
+        paths[arch] = functools.partial(competition_step, *fast_path(acfg, dist), plan=plan, dist=dist)
     return rotate(paths, proto, cfg, dist, steps, warmup)
 
 
 def families_main(args) -> None:
     rows = []
     for n in args.experts:
-        med = time_families(args.arch, n, args.device, args.set, args.steps)
+        cfg, proto, dist = setup(n, args.device, args.set)
+        med = time_families(cfg, proto, dist, args.arch, args.steps)
         for arch in args.arch:
             mem = None if args.no_memory else peak_memory("fast", n, args.device,
                                                           [*args.set, f"expert.arch={arch}"])
             rows.append({"experts": n, "arch": arch, "step_ms": 1000 * med[arch],
                          "ratio": med[arch] / med[args.arch[0]], "peak_mib": mem})
-    cfg, _, dist = setup(args.experts[0], args.device, args.set)
     name = (torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads, {describe_cpu()}")
     print(f"device: {name}; precision {resolve_precision(cfg.train.precision, dist.device)}, "

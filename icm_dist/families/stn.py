@@ -13,9 +13,9 @@ fixed base rotation, each sampled from the input, mixed with softmax weights: by
 per hypothesis as a parameter of the expert (``select: expert``), so that an expert commits to one
 rotation as a mechanism does; ``select: example`` predicts them from each example instead. The
 mixture is linear in the weights, so the path from "upright" to "upside down" is a straight blend that
-the discriminator's gradient can follow; the learned warp then
-only has to find the residual (at most 45 degrees with four hypotheses). The logits start equal and
-identity initialization raises the 0-degree one. This is an experiment, not a solved problem:
+the discriminator's gradient can follow; the learned warp then only has to find the residual (at most
+45 degrees with four hypotheses). The logits start equal and identity initialization raises the
+0-degree one. This is an experiment, not a solved problem:
 docs/results.md ("Expert families on rotations and a shrink") shows the choice settling on the
 hypothesis an expert already wins rather than on its mechanism's inverse.
 
