@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from icm_dist.config import ExpertConfig
 from icm_dist.errors import ConfigError
-from icm_dist.families import StackedExperts, check_expert, get_family
+from icm_dist.families import ModuleFamily, StackedExperts, check_expert, get_family
 from icm_dist.families.stn import STNExpert
 from icm_dist.families.unet import UNetExpert
 
@@ -49,11 +49,11 @@ def unbounded(channels):
 ROTATIONS = [0, 90, 180, 270]
 
 
-@pytest.mark.parametrize("make", [lambda: STNExpert(1, width=8, depth=2, loc_width=4),
-                                  lambda: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS,
+@pytest.mark.parametrize("make", [lambda gid: STNExpert(1, width=8, depth=2, loc_width=4),
+                                  lambda gid: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS,
                                                     select="example"),
-                                  lambda: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS),
-                                  lambda: UNetExpert(1, width=4, levels=2)],
+                                  lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS),
+                                  lambda gid: UNetExpert(1, width=4, levels=2)],
                          ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
     """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
@@ -92,8 +92,20 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
         torch.testing.assert_close(e._sample(x, grid, cos, sin), torch.rot90(x, turns, (-2, -1)), atol=1e-5, rtol=0)
     e = STNExpert(1, rotations=ROTATIONS)
     assert torch.equal(e.weights(None), torch.full((4,), 0.25))
+    # Spread over a committee: expert i turns by rotations[i % K] after its warp, the base a buffer that a
+    # block keys by the global id (so a split's copy and a checkpoint carry it).
+    def make(gid):
+        return STNExpert(1, width=4, depth=1, loc_width=4, rotations=[0, 180, 270], select="spread", residual=True,
+                         expert_id=gid)
+    block = StackedExperts(make, 0, [0, 1, 2, 4], 1, 16)
+    y = block.outputs(block(block.inputs(x)))
+    for j, turns in enumerate((0, 2, 3, 2)):  # ids 0, 1, 2, 4: bases 0, 180, 270, 180
+        torch.testing.assert_close(y[:, j], torch.rot90(x, turns, (-2, -1)), atol=1e-5, rtol=0)
+    assert block.expert_tensors()["base"].shape == (4, 2)
     with pytest.raises(ValueError, match="select must be"):
         STNExpert(1, rotations=ROTATIONS, select="batch")
+    assert ModuleFamily("stn", STNExpert)._factory(ExpertConfig(arch_args={"rotations": [0, 90], "select": "spread"}),
+                                                   1)(3).base.tolist() == [0.0, 1.0]
 
 
 def test_a_chain_of_other_families_applies_and_names_the_size_it_needs():
@@ -109,7 +121,7 @@ def test_a_chain_of_other_families_applies_and_names_the_size_it_needs():
 def test_the_layout_rule_of_the_seam():
     """Every parameter and buffer of a block splits as [E, ...] with expert j's tensors at j (what the masked
     Adam and the losers' buffer restore rely on), under the standalone module's names."""
-    block = StackedExperts(lambda: STNExpert(1, width=8, depth=2, loc_width=4), 0, [2, 3], 1, 16)
+    block = StackedExperts(lambda gid: STNExpert(1, width=8, depth=2, loc_width=4), 0, [2, 3], 1, 16)
     names = dict(STNExpert(1, width=8, depth=2, loc_width=4).state_dict())
     views = block.expert_tensors()
     assert set(views) == set(names)
@@ -134,7 +146,7 @@ def user_module(tmp_path, monkeypatch):
 def test_a_bad_family_stops_with_one_line_naming_it(user_module, arch, message):
     with pytest.raises(ConfigError) as e:
         family = get_family(ExpertConfig(arch=arch))
-        check_expert(arch, lambda: family.expert(ExpertConfig(arch=arch), 1), 1, 16)
+        check_expert(arch, lambda gid: family.expert(ExpertConfig(arch=arch), 1), 1, 16)
     assert message in str(e.value) and arch in str(e.value) and "\n" not in str(e.value)
 
 

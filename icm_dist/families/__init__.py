@@ -25,12 +25,13 @@ from .unet import UNetExpert
 
 
 class ModuleFamily:
-    """A family made of one ``nn.Module`` factory ``make(**arch_args)`` (plus ``channels=C`` when it takes it)."""
+    """A family made of one ``nn.Module`` factory ``make(**arch_args)``, plus ``channels=C`` when it takes it and
+    ``expert_id=gid`` (the expert's global id, for an initialization that differs by expert) when it takes it."""
 
     def __init__(self, name: str, make: Callable[..., nn.Module]):
         self.name, self._make = name, make
 
-    def _factory(self, cfg: ExpertConfig, channels: int) -> Callable[[], nn.Module]:
+    def _factory(self, cfg: ExpertConfig, channels: int) -> Callable[[int], nn.Module]:
         kwargs = dict(cfg.arch_args)
         try:
             takes = inspect.signature(self._make).parameters
@@ -38,10 +39,13 @@ class ModuleFamily:
             takes = {}
         if "channels" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()):
             kwargs.setdefault("channels", channels)
-        return lambda: self._make(**kwargs)
+        if "expert_id" in takes:
+            return lambda gid: self._make(**kwargs, expert_id=gid)
+        return lambda gid: self._make(**kwargs)
 
     def expert(self, cfg: ExpertConfig, channels: int) -> nn.Module:
-        return self._factory(cfg, channels)()
+        """One standalone expert (the skeleton a saved state loads into: expert 0's initialization)."""
+        return self._factory(cfg, channels)(0)
 
     def describe(self, cfg: ExpertConfig) -> str:
         where = f"icm_dist/families/{self.name}.py" if self.name in FAMILIES else f"the factory {self.name}"
@@ -94,13 +98,13 @@ def size_multiple(expert: nn.Module) -> int:
     return int(getattr(expert, "size_multiple", 1))
 
 
-def check_expert(name: str, make: Callable[[], nn.Module], channels: int, image_size: int) -> None:
-    """One expert from ``make`` on a probe batch ``[2, C, S, S]`` in [0, 1]: it must be an nn.Module whose
+def check_expert(name: str, make: Callable[[int], nn.Module], channels: int, image_size: int) -> None:
+    """Expert 0 from ``make`` on a probe batch ``[2, C, S, S]`` in [0, 1]: it must be an nn.Module whose
     output has the input's shape and dtype, finite, in [0, 1]; else one line naming the family."""
     where = f"expert.arch '{name}'"
     try:
         with seeded(0, "expert-probe"):  # the global RNG is left as it was: training draws stay the same
-            module = make()
+            module = make(0)
     except Exception as e:
         raise ConfigError(f"{where} raised {type(e).__name__} when built: {' '.join(str(e).split())}") from None
     if not isinstance(module, nn.Module):

@@ -66,16 +66,16 @@ def couples_examples(module: nn.Module) -> bool:
 class StackedExperts(nn.Module):
     """``E`` copies of one module with their own parameters and buffers, stacked ``[E, ...]``.
 
-    The copies are built by ``make()`` under the stream keyed by (seed, global id). The parameters are
+    The copies are built by ``make(gid)`` under the stream keyed by (seed, global id). The parameters are
     registered here under mangled names (a module's names hold dots) and keep the copy's own names in
-    :meth:`expert_params` and :meth:`expert_tensors`, so that one expert's state dict is what ``make()``'s
+    :meth:`expert_params` and :meth:`expert_tensors`, so that one expert's state dict is what ``make(gid)``'s
     module loads. ``vmap=None`` tries the batched call once on a probe and falls back to the loop if
     vmap refuses the module (an in-place op vmap has no rule for, data-dependent control flow).
     """
 
     channels_last = False  # stacked weights gain a leading dimension: 5-D, which channels_last does not cover
 
-    def __init__(self, make: Callable[[], nn.Module], seed: int, ids: list[int], channels: int,
+    def __init__(self, make: Callable[[int], nn.Module], seed: int, ids: list[int], channels: int,
                  image_size: int, use_vmap: bool | None = None):
         super().__init__()
         self.ids, self.num, self.channels = list(ids), len(ids), channels
@@ -83,7 +83,7 @@ class StackedExperts(nn.Module):
         copies = []
         for gid in self.ids:
             with seeded(seed, "expert-init", gid):
-                copies.append(make())
+                copies.append(make(gid))
         params, buffers = stack_module_state(copies)
         # The skeleton functional_call runs: its own tensors are never read, so it lives on the meta device.
         self._skeleton = (copy.deepcopy(copies[0]).to("meta"),)
@@ -170,8 +170,8 @@ class StackedExperts(nn.Module):
     def to_experts(self) -> list[nn.Module]:
         device = next(self.parameters()).device
         out = []
-        for j in range(self.num):
-            e = self._make().to(device)
+        for j, gid in enumerate(self.ids):
+            e = self._make(gid).to(device)
             e.load_state_dict(self.expert_state(j))
             out.append(e)
         return out

@@ -11,7 +11,12 @@ Gradient descent on a warp's angle from the identity does not find a half turn: 
 e.g. ``[0, 90, 180, 270]``) gives an expert several warp hypotheses: the learned warp followed by each
 fixed base rotation, each sampled from the input, mixed with softmax weights: by default one logit
 per hypothesis as a parameter of the expert (``select: expert``), so that an expert commits to one
-rotation as a mechanism does; ``select: example`` predicts them from each example instead. The
+rotation as a mechanism does; ``select: example`` predicts them from each example instead.
+``select: spread`` learns no choice: expert ``i`` of the committee applies ``rotations[i % K]`` after
+its learned warp, a fixed buffer, so that the committee starts with experts at every base rotation and
+the competition (and the splits, which copy a donor's base with its weights) decides which are kept;
+pair it with ``residual: true`` and ``identity_init.enabled=false``, since an expert turned by its base
+cannot learn the identity. The
 mixture is linear in the weights, so the path from "upright" to "upside down" is a straight blend that
 the discriminator's gradient can follow; the learned warp then only has to find the residual (at most
 45 degrees with four hypotheses). The logits start equal and identity initialization raises the
@@ -42,12 +47,12 @@ def _groups(ch: int) -> int:
 class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
-                 select_gain: float = 10.0, residual: bool = False):
+                 select_gain: float = 10.0, residual: bool = False, expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
-        if select not in ("example", "expert"):
-            raise ValueError(f"select must be example or expert, not {select!r}")
+        if select not in ("example", "expert", "spread"):
+            raise ValueError(f"select must be example, expert or spread, not {select!r}")
         if not rotations:
             raise ValueError("rotations must hold at least one angle (degrees), e.g. [0] or [0, 90, 180, 270]")
         self.warp = warp
@@ -58,6 +63,7 @@ class STNExpert(nn.Module):
         # within a few hundred steps (a logit gap of several units) instead of thousands.
         self.select_gain = float(select_gain)
         self.per_example = select == "example"
+        self.spread = select == "spread" and len(rotations) > 1
         self.loc = nn.Sequential(
             nn.Conv2d(channels, loc_width, 3, stride=2, padding=1), nn.ELU(),
             nn.Conv2d(loc_width, 2 * loc_width, 3, stride=2, padding=1), nn.ELU(),
@@ -65,7 +71,9 @@ class STNExpert(nn.Module):
         self.head = nn.Linear(64, 4 if warp == "similarity" else 6)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        if len(rotations) > 1 and self.per_example:
+        if self.spread:  # a buffer, so that a split's copy takes its donor's base rotation with its weights
+            self.register_buffer("base", torch.tensor(self.rotations[expert_id % len(rotations)]))
+        elif len(rotations) > 1 and self.per_example:
             self.choose = nn.Linear(64, len(rotations))
             nn.init.zeros_(self.choose.weight)
             nn.init.zeros_(self.choose.bias)
@@ -110,7 +118,9 @@ class STNExpert(nn.Module):
                                                                                         device=theta.device)], -1)
         grid = torch.einsum("hwk,bjk->bhwj", base_HW3, theta)
         x = x_BCHW.float()
-        if len(self.rotations) == 1:
+        if self.spread:
+            warped = self._sample(x, grid, *self.base.unbind())
+        elif len(self.rotations) == 1:
             warped = self._sample(x, grid, *self.rotations[0])
         else:
             w = self.weights(feat)
@@ -122,9 +132,10 @@ class STNExpert(nn.Module):
         return torch.sigmoid(self.refine(warped))
 
     @staticmethod
-    def _sample(x: torch.Tensor, grid: torch.Tensor, cos: float, sin: float) -> torch.Tensor:
-        """``x`` sampled at ``grid``'s points turned by the base rotation (about the image centre)."""
-        if (cos, sin) != (1.0, 0.0):
+    def _sample(x: torch.Tensor, grid: torch.Tensor, cos, sin) -> torch.Tensor:
+        """``x`` sampled at ``grid``'s points turned by the base rotation (about the image centre); ``cos``
+        and ``sin`` are floats or 0-d tensors (a spread expert's buffer)."""
+        if isinstance(cos, torch.Tensor) or (cos, sin) != (1.0, 0.0):
             gx, gy = grid.unbind(-1)
             grid = torch.stack([cos * gx - sin * gy, sin * gx + cos * gy], -1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
