@@ -188,6 +188,11 @@ class TrainConfig:
     split_donor_share: float = 1.5
     """Only an expert that won at least this many fair shares since the last check is split (it likely holds
     two mechanisms); the busiest goes to the idlest."""
+    split_merged_share: Optional[float] = None
+    """An expert that won at least this many mechanisms' shares (1/M each, M mechanisms) since the last check
+    holds more than one mechanism: it is split into the idlest expert even when no more than
+    ``expert.num - M`` experts are idle (those are expected spares, whose scraps would hide it). None: only
+    idle experts beyond the spares lead to splits."""
     route_k: Optional[int] = None
     """Beyond the paper: a routed competition. None (the paper): every expert transforms and D scores every
     example, N' expert passes per example. k: a small router on rank 0 proposes k candidate experts per
@@ -204,6 +209,18 @@ class TrainConfig:
     """With ``route_k``: iterations of full competition before routing starts (the router learns from them)."""
     lr_router: float = 1e-3
     """With ``route_k``: Adam learning rate of the router."""
+    route_explore: int = 0
+    """With ``route_k``: candidates per example drawn at random beside the router's k in a routed step. They
+    let routed steps teach the router (which of the scored candidates scored best) without confirming its
+    own picks, and a winner among them is a full-competition winner the router missed. 0: routed steps
+    teach nothing; only full competitions do."""
+    route_target: Literal["winners", "scores"] = "winners"
+    """With ``route_k``: what the router learns towards. ``winners``: each example's winner (cross-entropy).
+    ``scores``: the softmax of D's scores over the experts the step scored, at ``route_temperature`` (the
+    whole score matrix of a full competition: who came close, not only who won)."""
+    route_temperature: float = 1.0
+    """With ``route_target=scores``: the temperature of the softmax over D's scores (logits); towards 0
+    it is the winners' target."""
     route_min_recall: float = 0.9
     """With ``route_k``: routed steps run only while the router's recall (how often a full competition's
     winner was among its k candidates, over recent full competitions) is at least this; below it every
@@ -523,6 +540,9 @@ def _validate_routing(cfg: Config) -> None:
     need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
     need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
     need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
+    need(0 <= cfg.train.route_explore <= cfg.expert.num - cfg.train.route_k, "train.route_explore",
+         cfg.train.route_explore, f"must be in 0..expert.num - train.route_k ({cfg.expert.num - cfg.train.route_k})")
+    need(cfg.train.route_temperature > 0, "train.route_temperature", cfg.train.route_temperature, "must be > 0")
     need(0 <= cfg.train.route_min_recall <= 1, "train.route_min_recall", cfg.train.route_min_recall,
          "must be in [0, 1]")
 
@@ -581,6 +601,8 @@ def validate(cfg: Config) -> None:
     need(cfg.train.split_every == 0 or 0 < cfg.train.split_steps <= cfg.train.split_every, "train.split_steps",
          cfg.train.split_steps,
          f"must be in 1..train.split_every ({cfg.train.split_every}) so that divisions never overlap")
+    need(cfg.train.split_merged_share is None or cfg.train.split_merged_share > 1, "train.split_merged_share",
+         cfg.train.split_merged_share, "must be above 1 (one mechanism's share), or null")
     need(0 <= cfg.train.split_idle_share < cfg.train.split_donor_share, "train.split_idle_share",
          cfg.train.split_idle_share, f"must be >= 0 and below train.split_donor_share ({cfg.train.split_donor_share})")
     need(cfg.train.stop_when_stable is None or cfg.train.stop_when_stable >= 1, "train.stop_when_stable",

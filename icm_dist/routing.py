@@ -50,7 +50,7 @@ def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tenso
 
 
 def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float,
-                spare: int = 0) -> list[tuple[int, int]]:
+                spare: int = 0, merged: float | None = None) -> list[tuple[int, int]]:
     """Which experts to split into which, from the examples each won since the last check.
 
     Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
@@ -61,6 +61,11 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     ``spare``: how many idle experts are expected (a committee with more experts than mechanisms has
     ``N' - M``); only the idle experts beyond those are evidence that some expert holds two mechanisms,
     so at most ``len(idle) - spare`` pairs are made.
+
+    ``merged``: a share of all wins (e.g. 1.5 mechanisms' worth, ``1.5 / M``) that only an expert holding
+    more than one mechanism reaches. Every donor at or above it is split even when no more than ``spare``
+    experts are idle: the spares' scraps (experts that lead nothing still win a little) then do not hide
+    a merge.
     """
     wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
     N, total = len(wins), sum(wins)
@@ -69,7 +74,10 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     fair = total / N
     idle = sorted((e for e in range(N) if wins[e] < idle_share * fair), key=lambda e: (wins[e], e))
     donors = sorted((e for e in range(N) if wins[e] >= donor_share * fair), key=lambda e: (-wins[e], e))
-    return list(zip(donors, idle))[:max(0, len(idle) - spare)]
+    allowed = len(idle) - spare
+    if merged is not None:
+        allowed = max(allowed, sum(wins[e] >= merged * total for e in donors))
+    return list(zip(donors, idle))[:max(0, allowed)]
 
 
 def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:
@@ -93,10 +101,12 @@ def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, co
 
 
 
-def route_candidates(router_logits_BN: torch.Tensor, k: int, divisions=()) -> torch.Tensor:
+def route_candidates(router_logits_BN: torch.Tensor, k: int, divisions=(), explore_BN: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """The routed competition's candidates: a ``[B, N]`` mask with each example's ``k`` highest router
-    logits (ties: the lower expert id); for every ``(donor, copy)`` division under way, where one of the
-    two is a candidate both are (they divide what either wins, so both must have run there).
+    logits (ties: the lower expert id), or'ed with ``explore_BN`` (:func:`explore_candidates`); for every
+    ``(donor, copy)`` division under way, where one of the two is a candidate both are (they divide what
+    either wins, so both must have run there).
 
     Computed once (on rank 0) and broadcast, so every rank runs the same candidates.
     """
@@ -105,11 +115,25 @@ def route_candidates(router_logits_BN: torch.Tensor, k: int, divisions=()) -> to
     top_Bk = torch.sort(-router_logits_BN.detach().float(), dim=1, stable=True).indices[:, :k]
     cand_BN = torch.zeros(B, N, dtype=torch.bool, device=router_logits_BN.device)
     cand_BN.scatter_(1, top_Bk, True)
+    if explore_BN is not None:
+        cand_BN |= explore_BN.to(cand_BN.device)
     for donor, copy in divisions:
         either_B = cand_BN[:, donor] | cand_BN[:, copy]
         cand_BN[:, donor] = either_B
         cand_BN[:, copy] = either_B
     return cand_BN
+
+
+def explore_candidates(top_BN: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
+    """``r`` experts per example drawn uniformly without replacement from those not in ``top_BN`` (the
+    router's own picks), as a ``[B, N]`` mask: candidates the router did not choose, so that what a routed
+    step teaches it is not only its own choice confirmed. Drawn on the CPU from ``gen``."""
+    B, N = top_BN.shape
+    noise_BN = torch.rand(B, N, generator=gen).masked_fill(top_BN.cpu(), 2.0)  # own picks sort last
+    pick_Br = torch.sort(noise_BN, dim=1, stable=True).indices[:, :min(r, N - int(top_BN.sum(1).max()))]
+    out_BN = torch.zeros(B, N, dtype=torch.bool)
+    out_BN.scatter_(1, pick_Br, True)
+    return out_BN.to(top_BN.device)
 
 
 def routed_iteration(it: int, route_k: int | None, warmup: int, full_every: int) -> bool:

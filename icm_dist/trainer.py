@@ -106,12 +106,13 @@ class MetricWindow:
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
-    def add_route(self, learned: tuple[float, float] | None, routed: bool) -> None:
-        """The router after a step: what it learned from a full competition (its loss and recall), if anything."""
+    def add_route(self, learned: tuple[float, float | None] | None, routed: bool) -> None:
+        """The router after a step: its loss if the step taught it, and its recall if it was a full competition."""
         self.routed += int(routed)
         if learned is not None:
             self.route_loss.append(learned[0])
-            self.route_recall.append(learned[1])
+            if learned[1] is not None:
+                self.route_recall.append(learned[1])
 
     def metrics(self, names: list[str]) -> dict:
         """Speed, win shares and each expert's mean D score per mechanism; then starts a new window."""
@@ -122,8 +123,9 @@ class MetricWindow:
         if self.route_loss or self.routed:
             out["route/routed_share"] = self.routed / max(self.steps, 1)
         if self.route_loss:
-            out.update({"route/loss": sum(self.route_loss) / len(self.route_loss),
-                        "route/recall": sum(self.route_recall) / len(self.route_recall)})
+            out["route/loss"] = sum(self.route_loss) / len(self.route_loss)
+        if self.route_recall:
+            out["route/recall"] = sum(self.route_recall) / len(self.route_recall)
         avg = self.score_sum / self.score_cnt.clamp(min=1)
         for m, name in enumerate(names):
             if self.score_cnt[m] > 0:
@@ -252,7 +254,7 @@ class Trainer:
                 wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
                 window.add(res, wins_N, mech_B, full=not routed)
                 if self.proposer is not None:
-                    window.add_route(self.proposer.learn(res.winners_B), routed)
+                    window.add_route(self.proposer.learn(res.winners_B, res.scores_BN), routed)
                 if self.splitting:  # a routed step's wins go by the router's choice: only full ones count
                     self.split(None if routed else wins_N, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
@@ -339,7 +341,9 @@ class Trainer:
         if it % cfg.train.split_every or it > cfg.train.split_iterations:
             return
         wins, total = split.wins, max(sum(split.wins), 1)
-        for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share, self.spare):
+        merged = None if cfg.train.split_merged_share is None else cfg.train.split_merged_share / len(self.names)
+        for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share, self.spare,
+                                       merged):
             copy_expert(self.experts, self.plan, self.dist, donor, idle)
             split.active.append(Division(donor, idle, it + cfg.train.split_steps))
             split.log.append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,
@@ -365,7 +369,7 @@ class Trainer:
                       cfg.eval.examples, self.fixed_verdicts)
         stable = None
         if self.dist.is_main:
-            self.tracker.log(eval_metrics(ev), it)
+            self.tracker.log(self._eval_metrics(ev), it)
             if progress is not None:
                 progress.set_postfix(restored_acc=f"{ev['accuracy']['restored']:.3f}", refresh=False)
             same = self.state.last_probe_winners == ev["winners"].tolist()
@@ -383,6 +387,14 @@ class Trainer:
             self.log(f"assignments stable for {stable} evaluations: stopping at iteration {it}")
         return stop
 
+    def _eval_metrics(self, ev: dict) -> dict:
+        """An evaluation's metrics, and the router's recall on its test examples (which it never learns from)."""
+        out = eval_metrics(ev)
+        if self.proposer is not None:
+            x = self.proto.test_x[:ev["examples"]].to(self.dist.device)
+            out["eval/route_recall"] = self.proposer.heldout_recall(x, ev["winners"])
+        return out
+
     def checkpoint(self, it: int) -> None:
         ckpt_lib.save_checkpoint(self.run_dir.path, it, self.cfg, self.experts, self.disc_module, self.disc_opt,
                                  self.dist, self.state.to_json(), self.tracker.rows, self.cfg.checkpoint.keep,
@@ -396,7 +408,7 @@ class Trainer:
         self.checkpoint(final_it)
         if not self.dist.is_main:
             return None
-        self.tracker.log(eval_metrics(ev), final_it)
+        self.tracker.log(self._eval_metrics(ev), final_it)
         summary = self._summary(ev, final_it, stopped_early)
         self.run_dir.write_summary(summary)
         paths = figures.final_pngs(ev, self.proto.test_x, self.names, cfg.expert.num, self.tracker.rows,

@@ -28,8 +28,9 @@ from icm_dist import checkpoint as ck
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
+from icm_dist.rng import generator
 from icm_dist.router import RECALL_WEIGHT, Proposer
-from icm_dist.routing import route_candidates, routed_iteration
+from icm_dist.routing import explore_candidates, route_candidates, routed_iteration
 
 
 @pytest.fixture(scope="module")
@@ -194,15 +195,16 @@ def test_the_router_learns_from_full_competitions_only_and_routes_only_above_its
     p = Proposer(cfg, 1, torch.device("cpu"))
     x = _batches(proto, 0)[0]
     assert p.candidates(x, 1).all()  # warm-up: a full competition
-    loss, recall = p.learn(torch.zeros(16, dtype=torch.long))
+    scores = torch.zeros(16, 4)
+    loss, recall = p.learn(torch.zeros(16, dtype=torch.long), scores)
     assert p.recall == RECALL_WEIGHT * recall and loss > 0
     assert p.candidates(x, 4).all(), "routed by the schedule, but the recall is below route_min_recall"
-    p.learn(torch.zeros(16, dtype=torch.long))
+    p.learn(torch.zeros(16, dtype=torch.long), scores)
     p.recall = 0.5
     before = [q.clone() for q in p.module.parameters()]
     routed = p.candidates(x, 4)
     assert routed.sum(dim=1).tolist() == [1] * 16
-    assert p.learn(torch.zeros(16, dtype=torch.long)) is None, "a routed step teaches nothing"
+    assert p.learn(torch.zeros(16, dtype=torch.long), scores) is None, "a routed step teaches nothing"
     assert all(torch.equal(a, b) for a, b in zip(before, p.module.parameters())) and p.recall == 0.5
     assert p.candidates(x, 6).all()  # every route_full_every-th iteration is a full competition
 
@@ -227,13 +229,22 @@ def test_two_ranks_route_as_one_rank_does(tmp_path, data_root, mnist):
     assert any(routed_iteration(t + 1, 2, 4, 3) for t in range(len(one)))
 
 
-def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_path, data_root):
-    a = train_tiny(tmp_path / "a", data_root, *ROUTED)
-    train_tiny(tmp_path / "b", data_root, *ROUTED, "train.iterations=4")
-    b = train_tiny(tmp_path / "b", data_root, *ROUTED, "resume=auto")
+# One candidate of the router's and one drawn at random (of 3 experts), teaching the router at every step.
+EXPLORING = ["train.route_k=1", "train.route_explore=1", "train.route_target=scores", "train.route_warmup=4",
+             "train.route_full_every=3", "train.route_min_recall=0"]
+
+
+@pytest.mark.parametrize("routing", [ROUTED, EXPLORING], ids=["routed", "exploring"])
+def test_a_resumed_routed_run_ends_bitwise_where_an_uninterrupted_one_does(tmp_path, data_root, routing):
+    """The router's weights, Adam state and recall are in the checkpoint, and exploration's draws are keyed
+    by the iteration: a resumed run routes, explores and learns as the uninterrupted one."""
+    a = train_tiny(tmp_path / "a", data_root, *routing)
+    train_tiny(tmp_path / "b", data_root, *routing, "train.iterations=4")
+    b = train_tiny(tmp_path / "b", data_root, *routing, "resume=auto")
+    k = int(routing[0].split("=")[1])
     assert a["iterations"] == b["iterations"] == 8
-    assert a["routing"] == b["routing"] and a["routing"]["k"] == 2
-    assert a["routing"]["routed_steps"] == sum(routed_iteration(it, 2, 4, 3) for it in range(1, 9))
+    assert a["routing"] == b["routing"] and a["routing"]["k"] == k
+    assert a["routing"]["routed_steps"] == sum(routed_iteration(it, k, 4, 3) for it in range(1, 9))
     last = "checkpoints/iter_0000008"
     assert (tmp_path / "a" / last / "router.safetensors").is_file()
     assert same_tensors(tmp_path / "a" / last, tmp_path / "b" / last) == []
@@ -272,3 +283,68 @@ def test_a_routed_run_resumed_without_its_router_starts_a_fresh_one_and_forgets_
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     b = train_tiny(tmp_path / "a", data_root, *ROUTED, "train.iterations=4", "resume=auto")
     assert b["iterations"] == 4 and b["routing"]["recall"] == 0.0
+
+
+def test_exploration_draws_other_experts_and_divisions_still_run_together():
+    logits = torch.rand(64, 8, generator=torch.Generator().manual_seed(1))
+    top = route_candidates(logits, 2)
+    explore = explore_candidates(top, 3, generator(0, "route-explore", 5))
+    assert explore.sum(dim=1).tolist() == [3] * 64 and not (explore & top).any()
+    assert torch.equal(explore, explore_candidates(top, 3, generator(0, "route-explore", 5)))  # keyed: reproducible
+    assert not torch.equal(explore, explore_candidates(top, 3, generator(0, "route-explore", 6)))
+    assert explore.any(dim=0).all(), "every expert is drawn for some example"
+    cand = route_candidates(logits, 2, divisions=[(0, 7)], explore_BN=explore)
+    assert torch.equal(cand[:, 0], cand[:, 7]) and (cand >= (top | explore)).all()
+    assert (explore_candidates(route_candidates(logits, 6), 5, generator(0, "e")).sum(1) == 2).all()  # what is left
+
+
+def _proposer(data_root, *overrides):
+    cfg = _cfg(data_root, "train.route_k=1", "train.route_warmup=0", "train.route_full_every=100",
+               "train.route_min_recall=0", *overrides)
+    return Proposer(cfg, 1, torch.device("cpu"))
+
+
+def test_a_routed_step_with_exploration_teaches_the_router_over_the_scored_candidates_only(data_root, proto):
+    """With exploration, a routed step's loss is the cross-entropy of the best-scored candidate among those
+    scored: the router's logits at experts that did not run get no gradient, and learn() returns no recall
+    (only full competitions measure it)."""
+    x = _batches(proto, 0)[0]
+    scores = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    for target in ("winners", "scores"):
+        p = _proposer(data_root, "train.route_explore=1", f"train.route_target={target}")
+        cand = p.candidates(x, 1)
+        assert (cand.sum(dim=1) == 2).all() and p.logits_BN.requires_grad
+        p.logits_BN.retain_grad()
+        logits = p.logits_BN
+        masked = torch.where(cand, scores, torch.tensor(float("-inf")))
+        loss, recall = p.learn(masked.argmax(dim=1), masked)
+        assert recall is None and p.recall == 0.0 and loss > 0
+        assert (logits.grad[~cand] == 0).all() and (logits.grad[cand] != 0).any(), target
+        want = F.cross_entropy(torch.where(cand, logits.detach(), torch.tensor(-1e9)), masked.argmax(dim=1)) \
+            if target == "winners" else \
+            -(torch.softmax(masked, 1) * torch.log_softmax(torch.where(cand, logits.detach(), torch.tensor(-1e9)),
+                                                           1)).sum(1).mean()
+        assert abs(loss - float(want)) < 1e-5, target
+    p = _proposer(data_root)  # no exploration: a routed step keeps no graph and teaches nothing
+    assert p.candidates(x, 1).sum() == 16 and p.learn(torch.zeros(16, dtype=torch.long), scores) is None
+
+
+def test_the_scores_target_learns_the_whole_score_matrix_of_a_full_competition(data_root, proto):
+    p = _proposer(data_root, "train.route_target=scores", "train.route_temperature=0.5", "train.route_warmup=5")
+    x = _batches(proto, 0)[0]
+    assert p.candidates(x, 1).all()
+    logits = p.logits_BN.detach().clone()
+    scores = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    loss, recall = p.learn(scores.argmax(dim=1), scores)
+    want = -(torch.softmax(scores / 0.5, 1) * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert abs(loss - float(want)) < 1e-5 and recall is not None
+
+
+def test_the_heldout_recall_is_the_share_of_winners_among_the_top_k(data_root, proto):
+    p = _proposer(data_root, "train.route_k=2")
+    x = _batches(proto, 0)[0]
+    with torch.no_grad():
+        top = route_candidates(p.module(x), 2)
+    winners = torch.arange(16) % 4
+    want = float(top[torch.arange(16), winners].float().mean())
+    assert p.heldout_recall(x, winners) == want == p.heldout_recall(x, winners, batch=5)

@@ -76,6 +76,12 @@ def test_plan_splits_pairs_the_idlest_with_the_busiest():
     assert plan_splits(wins, 0.25, 1.5, spare=2) == [(0, 1)]
     assert plan_splits(wins, 0.25, 1.5, spare=3) == []
     assert plan_splits(wins, 0.25, 1.5, spare=5) == []
+    # 5 mechanisms: e0 won 30 of 100, more than 1.5 mechanisms' shares (30 >= 1.5 / 5 x 100): it is split even
+    # though the idle experts are no more than the spares; e3 (20) is below that and waits.
+    assert plan_splits(wins, 0.25, 1.5, spare=5, merged=1.5 / 5) == [(0, 1)]
+    assert plan_splits(wins, 0.25, 1.5, spare=5, merged=0.2) == [(0, 1), (3, 9)]  # e3 too, at a fifth
+    assert plan_splits(wins, 0.25, 1.5, spare=1, merged=1.5 / 5) == [(0, 1), (3, 9)]  # the spare rule allows more
+    assert plan_splits(wins, 0.25, 1.5, spare=5, merged=0.35) == []
 
 
 def _divide_reference(winners: list[int], scores: list[list[float]], donor: int, copy: int) -> list[int]:
