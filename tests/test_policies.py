@@ -144,15 +144,21 @@ def test_with_more_experts_than_mechanisms_only_idle_experts_beyond_the_spare_on
                                                                                              mnist):
     """4 experts for tiny's 3 mechanisms on two ranks: one idle expert is expected, so every check makes the
     pairs of ``plan_splits(..., spare=1)`` over the wins since the previous check, and at least one check
-    made fewer pairs than it would have without the spare expert."""
-    steps, summary = _train(tmp_path, 2, [*POLICIES, "expert.num=4"], data_root)
-    fewer = False
-    for c in (3, 6, 9):
-        wins = torch.bincount(torch.tensor([w for st in steps[c - 3:c] for w in st["winners"]]), minlength=4)
-        made = [(s["donor"], s["copy"]) for s in summary["splits"] if s["iteration"] == c]
-        assert made == plan_splits(wins, 0.9, 1.05, spare=1), (c, wins, made)
-        fewer |= len(plan_splits(wins, 0.9, 1.05)) > len(made)
-    assert summary["splits"] and fewer, ("the setup never split, or the spare expert never mattered", summary["splits"])
+    made fewer pairs than it would have without the spare expert. With ``split_merged_share``, a donor that
+    won that many mechanisms' shares is split beyond the spare rule: every check makes the pairs of
+    ``plan_splits(..., spare=1, merged=share / 3)``, and at least one check made more than the spare rule."""
+    for merged, rule in ((None, "spare"), (1.1, "merged")):
+        extra = [] if merged is None else [f"train.split_merged_share={merged}"]
+        steps, summary = _train(tmp_path / rule, 2, [*POLICIES, "expert.num=4", *extra], data_root)
+        differs = False
+        for c in (3, 6, 9):
+            wins = torch.bincount(torch.tensor([w for st in steps[c - 3:c] for w in st["winners"]]), minlength=4)
+            made = [(s["donor"], s["copy"]) for s in summary["splits"] if s["iteration"] == c]
+            assert made == plan_splits(wins, 0.9, 1.05, spare=1, merged=merged and merged / 3), (rule, c, wins, made)
+            other = plan_splits(wins, 0.9, 1.05) if merged is None else plan_splits(wins, 0.9, 1.05, spare=1)
+            differs |= len(other) != len(made)
+        assert summary["splits"] and differs, (f"the setup never split, or the {rule} rule never mattered",
+                                               summary["splits"])
 
 
 def test_early_stop_at_the_second_evaluation_on_one_and_two_ranks(tmp_path, data_root, mnist):
