@@ -26,6 +26,7 @@ from inproc import train_here
 from PIL import Image
 from procs import run
 from safetensors.torch import save_file
+from warm import run_warm
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = [sys.executable, str(REPO / "launch" / "train.py")]
@@ -48,6 +49,7 @@ class Case:
     guarded: list[str] = field(default_factory=list)
     prepare: Callable[[dict], None] | None = None
     preamble: str | None = None  # a launcher's own line before the run's, starting with this, is allowed
+    cold: bool = False  # a fresh interpreter; the others fork from a warm one (tests/warm.py)
 
 
 def _write(path: Path, text: str) -> Callable[[dict], None]:
@@ -120,7 +122,7 @@ def _repaint_one_image(paths: dict) -> None:
 CASES = [
     # Config and data, refused before any work.
     Case("unknown key", [*TRAIN, "run.out_dir={tmp}/new", "train.iteratons=5"], "train.iteratons",
-         ["{tmp}/new"]),
+         ["{tmp}/new"], cold=True),
     Case("wrong type", [*TRAIN, "run.out_dir={tmp}/new", "train.batch_size=many"], "train.batch_size", ["{tmp}/new"]),
     Case("unknown mechanism", [*TRAIN, "run.out_dir={tmp}/new", "data.mechanisms=[invert,sideways]"], "sideways",
          ["{tmp}/new"]),
@@ -210,7 +212,7 @@ CASES = [
     Case("surgery adding fewer than none", [*CLI, "surgery", "{run}", "--add", "-2", "--out", "{tmp}/s"],
          "argument --add: -2 is below 0", ["{tmp}/s", "{run}"]),
     Case("ownership every 0 iterations", [*CLI, "ownership", "{run}", "--every", "0"],
-         "argument --every: 0 is below 1", ["{run}"]),
+         "argument --every: 0 is below 1", ["{run}"], cold=True),
 ]
 
 
@@ -274,8 +276,12 @@ def _attempt(case: Case, tmp: Path, finished, data_root: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join(filter(None, [str(tmp), env.get("PYTHONPATH")])))
+    argv = [a.format(**fill) for a in case.argv]
     try:
-        r = run([a.format(**fill) for a in case.argv], cwd=REPO, env=env, timeout=180)
+        if case.cold or argv[0] != sys.executable:
+            r = run(argv, cwd=REPO, env=env, timeout=180)
+        else:
+            r = run_warm(argv, cwd=REPO, env=env, timeout=180)
     finally:
         _unlock(tmp)
     return {"r": r, "fill": fill, "before": before, "after": [_snapshot(g) for g in guarded]}
@@ -283,7 +289,7 @@ def _attempt(case: Case, tmp: Path, finished, data_root: str) -> dict:
 
 @pytest.fixture(scope="module")
 def outcomes(finished, data_root, tmp_path_factory) -> dict:
-    """Every case, two at a time: a case is mostly a Python process starting up on one of the two cores."""
+    """Every case, two at a time (a case is mostly one process on one of the two cores)."""
     base = tmp_path_factory.mktemp("cases")
     with ThreadPoolExecutor(max_workers=2) as pool:
         return {c.name: pool.submit(_attempt, c, base / f"case_{i}", finished, data_root) for i, c in enumerate(CASES)}
