@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import run
 from safetensors.torch import load_file, save_file
+from warm import run_warm
 
 from icm_dist.config import RESUMABLE_KEYS, Config, _matches, resume_changes, to_dict
 from icm_dist.utils import flatten
@@ -37,8 +37,10 @@ def train_args(out: Path, data_root: str, *more: str) -> list[str]:
 
 
 def sh(cmd: list[str], **env) -> subprocess.CompletedProcess:
+    """``cmd`` in a process of its own, forked from a warm interpreter (tests/warm.py): these are the
+    trainer's and the commands' own behaviours, not the interpreter's start-up."""
     e = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "ICM_DIST_TEST_"))}
-    return run(cmd, cwd=REPO, env={**e, "OMP_NUM_THREADS": "1", **env}, timeout=240)
+    return run_warm(cmd, cwd=REPO, env={**e, "OMP_NUM_THREADS": "1", **env}, timeout=240)
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
