@@ -146,7 +146,8 @@ def finish_checkpoint(tmp: Path, iteration: int, cfg: Config, disc_module, disc_
     save_tensors(module_tensors(disc_module, disc_opt), tmp / DISCRIMINATOR_FILE, module_metadata(disc_module))
     if router is not None:
         save_tensors(module_tensors(router.module, router.opt), tmp / ROUTER_FILE,
-                     {**module_metadata(router.module, ROUTER_FORMAT), "recall": json.dumps(float(router.recall))})
+                     {**module_metadata(router.module, ROUTER_FORMAT), "recall": json.dumps(float(router.recall)),
+                      "recall_k": json.dumps([float(r) for r in router.recall_K])})
     files = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -459,19 +460,30 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
     _load_module(ckpt, DISCRIMINATOR_FILE, disc_module, disc_opt)
     if has_router:  # the recall belongs to the router it measured, so it is kept in the router's file
         meta = _load_module(ckpt, ROUTER_FILE, router.module, router.opt)
-        router.recall = _router_recall(ckpt, meta, manifest)
+        router.recall_K = _router_recall(ckpt, meta, manifest, len(router.recall_K))
     return manifest
 
 
-def _router_recall(ckpt: Path, meta: dict, manifest: dict) -> float:
-    # A router file without the recall in its metadata: its checkpoint keeps it in the trainer state.
-    if "recall" not in meta:
-        return float((manifest.get("trainer_state") or {}).get("route_recall", 0.0))
+def _router_recall(ckpt: Path, meta: dict, manifest: dict, num_k: int) -> list[float]:
+    """The running recall at each k the router may route with. A router file without ``recall_k`` measured
+    only ``train.route_k``: the larger k start unmeasured (0, so they route only once measured); one without
+    the recall at all keeps it in its checkpoint's trainer state."""
+    key = "recall_k" if "recall_k" in meta else "recall"
     try:
-        return float(json.loads(meta["recall"]))
+        if key not in meta:
+            first = float((manifest.get("trainer_state") or {}).get("route_recall", 0.0))
+        elif key == "recall":
+            first = float(json.loads(meta["recall"]))
+        else:
+            recall_K = [float(r) for r in json.loads(meta["recall_k"])]
+            if len(recall_K) != num_k:
+                raise CheckpointError(f"checkpoint '{ckpt}': {ROUTER_FILE} holds the recall at {len(recall_K)} "
+                                      f"values of k, the config routes with {num_k} (train.route_k_max)")
+            return recall_K
     except (ValueError, TypeError):
-        raise CheckpointError(f"checkpoint '{ckpt}': {ROUTER_FILE} has an unreadable recall "
-                              f"{meta['recall']!r} in its metadata") from None
+        raise CheckpointError(f"checkpoint '{ckpt}': {ROUTER_FILE} has an unreadable {key} "
+                              f"{meta[key]!r} in its metadata") from None
+    return [first] + [0.0] * (num_k - 1)
 
 
 def _load_module(ckpt: Path, fname: str, module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

@@ -198,11 +198,17 @@ class TrainConfig:
     example, N' expert passes per example. k: a small router on rank 0 proposes k candidate experts per
     example and only those run and are scored, k passes per example; the winner is the best-scored
     candidate. Full competitions still run for the first ``route_warmup`` iterations, then every
-    ``route_full_every``-th, and whenever the router's recall is below ``route_min_recall``: they alone
-    teach the router (trained to predict their winners) and count the wins the splits go by. With
+    ``route_full_every``-th, and whenever the router's recall is below ``route_min_recall``: they measure the
+    recall and teach the router (``route_explore`` lets routed steps teach it too). The splits count the
+    wins of every step, routed or full. With
     BatchNorm, an expert in a routed step normalizes over the few examples routed to it (about
     B * k / N'), so its scores and running statistics differ from a full step's; a per-example
     ``expert.norm`` has no such coupling."""
+    route_k_max: Optional[int] = None
+    """With ``route_k``: the most candidates a routed step may take. Every full competition measures the
+    router's recall at each k from ``route_k`` to this, and a routed step takes the smallest k whose running
+    recall is at least ``route_min_recall`` (a full competition where none is): a router that is unsure
+    costs a few more expert passes instead of a full competition. None: ``route_k`` only."""
     route_full_every: int = 10
     """With ``route_k``: every this many iterations a full competition (all experts on all examples)."""
     route_warmup: int = 200
@@ -540,8 +546,11 @@ def _validate_routing(cfg: Config) -> None:
     need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
     need(cfg.train.route_warmup >= 0, "train.route_warmup", cfg.train.route_warmup, "must be >= 0")
     need(cfg.train.lr_router > 0, "train.lr_router", cfg.train.lr_router, "must be > 0")
-    need(0 <= cfg.train.route_explore <= cfg.expert.num - cfg.train.route_k, "train.route_explore",
-         cfg.train.route_explore, f"must be in 0..expert.num - train.route_k ({cfg.expert.num - cfg.train.route_k})")
+    k_max = cfg.train.route_k if cfg.train.route_k_max is None else cfg.train.route_k_max
+    need(cfg.train.route_k <= k_max < cfg.expert.num, "train.route_k_max", cfg.train.route_k_max,
+         f"must be in train.route_k..expert.num - 1 ({cfg.train.route_k}..{cfg.expert.num - 1})")
+    need(0 <= cfg.train.route_explore <= cfg.expert.num - k_max, "train.route_explore", cfg.train.route_explore,
+         f"must be in 0..expert.num - (train.route_k_max or train.route_k) ({cfg.expert.num - k_max})")
     need(cfg.train.route_temperature > 0, "train.route_temperature", cfg.train.route_temperature, "must be > 0")
     need(0 <= cfg.train.route_min_recall <= 1, "train.route_min_recall", cfg.train.route_min_recall,
          "must be in [0, 1]")

@@ -12,8 +12,10 @@ candidates that were scored: which of them scored best. Without exploration a ro
 nothing, since its winner is always one of the router's picks and learning from those labels teaches it
 its own choices (docs/results.md). The full competitions measure its recall before it learns from them,
 and routing pauses while the recall is below ``train.route_min_recall``, so that a router that has not
-learned the division costs speed rather than quality. Evaluations measure it on the test examples, which
-it never learns from (:meth:`Proposer.heldout_recall`).
+learned the division costs speed rather than quality. With ``train.route_k_max`` the recall is measured
+at every k up to it, and a routed step takes the smallest k that has the recall: an unsure router runs a
+few more candidates rather than every expert. Evaluations measure it on the test examples, which it never
+learns from (:meth:`Proposer.heldout_recall`).
 """
 
 from __future__ import annotations
@@ -30,25 +32,40 @@ RECALL_WEIGHT = 0.25  # weight of the newest full competition in the running rec
 
 
 class Proposer:
-    """The router network, its Adam, its running recall, and the step's logits and scored mask (for learn)."""
+    """The router network, its Adam, its running recall at each k it may route with (``ks``), and the step's
+    k, logits and scored mask (for learn)."""
 
     def __init__(self, cfg: Config, channels: int, device: torch.device):
         self.t, self.seed = cfg.train, cfg.seed
         self.module = make_router(cfg, channels).to(device)
         self.opt = torch.optim.Adam(self.module.parameters(), lr=self.t.lr_router, betas=tuple(self.t.betas),
                                     eps=self.t.eps)
-        self.recall = 0.0  # over recent full competitions; checkpoints keep it in router.safetensors' metadata
+        self.ks = list(range(self.t.route_k, (self.t.route_k_max or self.t.route_k) + 1))
+        # Running recall at each of ks, over recent full competitions; checkpoints keep it in
+        # router.safetensors' metadata.
+        self.recall_K = [0.0] * len(self.ks)
+        self.k: int | None = None  # the step's k (None: a full competition)
         self.logits_BN: torch.Tensor | None = None
         self.scored_BN: torch.Tensor | None = None  # the step's candidates (None: a full competition)
         self.divisions: list = []
 
+    @property
+    def recall(self) -> float:
+        """The running recall at ``train.route_k``."""
+        return self.recall_K[0]
+
+    def routing_k(self) -> int | None:
+        """The fewest candidates whose running recall is at least ``route_min_recall`` (None: none has it)."""
+        return next((k for k, r in zip(self.ks, self.recall_K) if r >= self.t.route_min_recall), None)
+
     def candidates(self, x_fake_BCHW: torch.Tensor, it: int, divisions=()) -> torch.Tensor:
         """Iteration ``it``'s ``[B, N]`` candidate mask: all True for a full competition (the warm-up, every
-        ``route_full_every``-th, and whenever the recall is below ``route_min_recall``), else each example's
-        top k (:func:`routing.route_candidates`) and ``route_explore`` random others."""
+        ``route_full_every``-th, and whenever no k has the recall), else each example's top k
+        (:func:`routing.route_candidates`, k from :meth:`routing_k`) and ``route_explore`` random others."""
         t = self.t
-        routed = routed_iteration(it, t.route_k, t.route_warmup, t.route_full_every) and \
-            self.recall >= t.route_min_recall
+        k = self.routing_k() if routed_iteration(it, t.route_k, t.route_warmup, t.route_full_every) else None
+        self.k = k
+        routed = k is not None
         teaches = not routed or t.route_explore > 0
         self.module.train()
         with torch.set_grad_enabled(teaches):  # a step that teaches the router keeps the graph
@@ -59,26 +76,29 @@ class Proposer:
             return torch.ones(logits_BN.shape, dtype=torch.bool, device=logits_BN.device)
         explore_BN = None
         if t.route_explore:
-            top_BN = route_candidates(logits_BN, t.route_k)
+            top_BN = route_candidates(logits_BN, k)
             explore_BN = explore_candidates(top_BN, t.route_explore, generator(self.seed, "route-explore", it))
-        self.scored_BN = route_candidates(logits_BN, t.route_k, divisions, explore_BN)
+        self.scored_BN = route_candidates(logits_BN, k, divisions, explore_BN)
         return self.scored_BN
 
     def learn(self, winners_B: torch.Tensor, scores_BN: torch.Tensor) -> tuple[float, float | None] | None:
         """After a step that teaches the router (every full competition; a routed one with exploration):
         one Adam step of cross-entropy towards the step's targets over the experts it scored. Returns the
         loss and, after a full competition, the recall (the share of examples whose winner was among the
-        candidates the router would have proposed, measured before it learns from them); None after a
-        step that teaches nothing."""
+        candidates the router would have proposed at ``route_k``, measured before it learns from them, as
+        at every k of ``ks``); None after a step that teaches nothing."""
         logits = self.logits_BN
         if logits is None:
             return None
         self.logits_BN = None
         recall = None
         if self.scored_BN is None:
-            cand_BN = route_candidates(logits, self.t.route_k, self.divisions)
-            recall = float(cand_BN[torch.arange(len(winners_B), device=cand_BN.device), winners_B].float().mean())
-            self.recall = (1 - RECALL_WEIGHT) * self.recall + RECALL_WEIGHT * recall
+            rows_B = torch.arange(len(winners_B), device=logits.device)
+            recalls = [float(route_candidates(logits, k, self.divisions)[rows_B, winners_B].float().mean())
+                       for k in self.ks]
+            self.recall_K = [(1 - RECALL_WEIGHT) * old + RECALL_WEIGHT * new
+                             for old, new in zip(self.recall_K, recalls)]
+            recall = recalls[0]
         loss = self._loss(logits, winners_B, scores_BN.detach().float(), self.scored_BN)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -65,6 +65,7 @@ class TrainerState:
     last_probe_winners: list[int] | None = None
     identity: dict | None = None  # identity init's steps, final MSE and seconds per expert
     routed_steps: int = 0  # iterations that ran as routed competitions
+    routed_passes: float | None = 0.0  # their expert passes, in full competitions' worth (None: not recorded)
 
     def to_json(self) -> dict:
         out = {"stable_evals": self.stable_evals, "last_probe_winners": self.last_probe_winners,
@@ -72,15 +73,16 @@ class TrainerState:
                "split": {"wins": self.split.wins, "active": [[a.donor, a.copy, a.until] for a in self.split.active],
                          "log": self.split.log}}
         if self.routed_steps:  # runs without routing carry no routing fields
-            out.update(routed_steps=self.routed_steps)
+            out.update(routed_steps=self.routed_steps, routed_passes=self.routed_passes)
         return out
 
     @classmethod
     def from_json(cls, d: dict, num_experts: int) -> "TrainerState":
         s = d.get("split") or {"wins": [0] * num_experts, "active": [], "log": []}
         split = SplitState(list(s["wins"]), [Division(*a) for a in s["active"]], list(s["log"]))
-        return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"),
-                   d.get("routed_steps", 0))
+        routed = d.get("routed_steps", 0)
+        return cls(split, d.get("stable_evals", 0), d.get("last_probe_winners"), d.get("identity"), routed,
+                   d.get("routed_passes", None if routed else 0.0))
 
 
 class MetricWindow:
@@ -91,7 +93,7 @@ class MetricWindow:
         self.reset()
 
     def reset(self) -> None:
-        self.route_loss, self.route_recall, self.routed = [], [], 0
+        self.route_loss, self.route_recall, self.routed_k, self.passes = [], [], [], 0.0
         self.win_counts = torch.zeros(self.num_experts)
         self.score_sum = torch.zeros(self.num_mech, self.num_experts)
         self.score_cnt = torch.zeros(self.num_mech, 1)
@@ -106,9 +108,12 @@ class MetricWindow:
         self.score_sum.index_add_(0, mech_B, torch.sigmoid(res.scores_BN.float().cpu()))
         self.score_cnt.index_add_(0, mech_B, torch.ones(len(mech_B), 1))
 
-    def add_route(self, learned: tuple[float, float | None] | None, routed: bool) -> None:
-        """The router after a step: its loss if the step taught it, and its recall if it was a full competition."""
-        self.routed += int(routed)
+    def add_route(self, learned: tuple[float, float | None] | None, k: int | None, passes: float) -> None:
+        """The router after a step: its loss if the step taught it, its recall if it was a full competition, the
+        step's k (None: a full competition) and its expert passes in full competitions' worth."""
+        self.passes += passes
+        if k is not None:
+            self.routed_k.append(k)
         if learned is not None:
             self.route_loss.append(learned[0])
             if learned[1] is not None:
@@ -120,8 +125,11 @@ class MetricWindow:
         N = self.num_experts
         out = {"iter_per_s": self.steps / max(elapsed, 1e-9), "step_ms": 1000 * elapsed / max(self.steps, 1),
                **{f"win_share/e{e}": float(v) for e, v in enumerate(self.win_counts / self.win_counts.sum())}}
-        if self.route_loss or self.routed:
-            out["route/routed_share"] = self.routed / max(self.steps, 1)
+        if self.route_loss or self.routed_k:
+            out["route/routed_share"] = len(self.routed_k) / max(self.steps, 1)
+            out["route/pass_share"] = self.passes / max(self.steps, 1)
+        if self.routed_k:
+            out["route/k"] = sum(self.routed_k) / len(self.routed_k)
         if self.route_loss:
             out["route/loss"] = sum(self.route_loss) / len(self.route_loss)
         if self.route_recall:
@@ -250,13 +258,14 @@ class Trainer:
             it, stop = self.start, False
             for t in range(self.start, T):
                 it = t + 1
-                res, mech_B, routed = self.step(t)
+                res, mech_B, passes = self.step(t)
+                routed = passes < 1
                 wins_N = torch.bincount(res.winners_B.cpu(), minlength=cfg.expert.num)
                 window.add(res, wins_N, mech_B, full=not routed)
                 if self.proposer is not None:
-                    window.add_route(self.proposer.learn(res.winners_B, res.scores_BN), routed)
-                if self.splitting:  # a routed step's wins go by the router's choice: only full ones count
-                    self.split(None if routed else wins_N, it)
+                    window.add_route(self.proposer.learn(res.winners_B, res.scores_BN), self.proposer.k, passes)
+                if self.splitting:  # routed wins count too: routing runs only while they are the full ones
+                    self.split(wins_N, it)
                 if it % cfg.tracking.log_every == 0 or it == T:
                     self.log_metrics(res, window, it)
                 if cfg.eval.every and it % cfg.eval.every == 0 and it != T:
@@ -275,9 +284,9 @@ class Trainer:
         finally:
             self.tracker.finish()
 
-    def step(self, t: int) -> tuple[StepResult, torch.Tensor, bool]:
-        """Iteration ``t + 1`` of Algorithm 1; returns its result, the mechanism of each fake example, and
-        whether it was a routed competition."""
+    def step(self, t: int) -> tuple[StepResult, torch.Tensor, float]:
+        """Iteration ``t + 1`` of Algorithm 1; returns its result, the mechanism of each fake example, and its
+        expert passes in full competitions' worth (below 1: a routed competition)."""
         cfg, B, N = self.cfg, self.cfg.train.batch_size, self.cfg.expert.num
         idx_fake = sample_indices(self.fake_x.shape[0], B, cfg.seed, "fake-batch", t)
         idx_real = sample_indices(self.real_x.shape[0], B, cfg.seed, "real-batch", t)
@@ -287,14 +296,16 @@ class Trainer:
         divisions = [(a.donor, a.copy) for a in self.state.split.active]  # split() drops finished ones
         device = self.dist.device
         x_fake = self.fake_x[idx_fake.to(device)]
-        candidates = None
+        candidates, passes = None, 1.0
         if cfg.train.route_k is not None:  # rank 0 decides; all True is a full competition
             mask = (self.proposer.candidates(x_fake, t + 1, divisions) if self.dist.is_main
                     else torch.zeros(B, N, dtype=torch.bool, device=device))
             mask = self.dist.broadcast_mask(mask)
             if not bool(mask.all()):
-                candidates = mask
+                candidates, passes = mask, int(mask.sum()) / mask.numel()
                 self.state.routed_steps += 1
+                if self.state.routed_passes is not None:
+                    self.state.routed_passes += passes
         res = competition_step(self.experts, self.disc, self.disc_opt, x_fake, self.real_x[idx_real.to(device)],
                                self.plan, self.dist, capacity=capacity, divisions=divisions,
                                candidates_BN=candidates)
@@ -305,7 +316,7 @@ class Trainer:
             raise TrainingError(f"non-finite discriminator scores at iteration {t + 1} (NaN or inf loss); "
                                 f"metrics and checkpoints written so far in {self.run_dir} are intact; try a lower "
                                 "learning rate or train.precision=fp32")
-        return res, self.proto.transformed_mech[idx_fake], candidates is not None
+        return res, self.proto.transformed_mech[idx_fake], passes
 
     def identity_init(self) -> None:
         """Approximate identity initialization of this rank's experts; progress and results to the tracker."""
@@ -327,16 +338,19 @@ class Trainer:
         tracker.log({"identity/seconds": time.time() - t0, "identity/max_steps_used": max(steps),
                      **{f"identity/final_mse/e{e}": m for e, m in enumerate(mses)}}, 0)
 
-    def split(self, wins_N: torch.Tensor | None, it: int) -> None:
-        """train.split_every: count the step's wins (None: this step's do not count); at a check, copy each
-        busy expert into an idle one.
+    def split(self, wins_N: torch.Tensor, it: int) -> None:
+        """train.split_every: count the step's wins; at a check, copy each busy expert into an idle one.
+
+        A routed step's wins count as a full one's: the gate lets routing run only while the router's
+        candidates hold the full competition's winner (``train.route_min_recall``), and counting only the
+        full competitions among them (every ``route_full_every``-th) would leave a check a handful of
+        examples per expert, where chance alone makes experts look idle or merged.
 
         Winners are identical on every rank, so every rank plans the same splits and joins the same
         copies in the same order.
         """
         cfg, split = self.cfg, self.state.split
-        if wins_N is not None:
-            split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
+        split.wins = [a + int(b) for a, b in zip(split.wins, wins_N)]
         split.active = [a for a in split.active if a.until > it]
         if it % cfg.train.split_every or it > cfg.train.split_iterations:
             return
@@ -447,9 +461,19 @@ class Trainer:
             "stopped_early": stopped_early,
             "identity_init": self.state.identity,
             "splits": self.state.split.log,
-            **({"routing": {"k": self.cfg.train.route_k, "routed_steps": self.state.routed_steps,
-                            "recall": self.proposer.recall}} if self.cfg.train.route_k is not None else {}),
+            **({"routing": self._routing_summary(final_it)} if self.cfg.train.route_k is not None else {}),
         }
+
+    def _routing_summary(self, final_it: int) -> dict:
+        """What routing ran: its k, the routed iterations, the recall, and the run's expert passes as a share
+        of a full competition at every iteration (what routing saved)."""
+        st, t = self.state, self.cfg.train
+        out = {"k": t.route_k, "routed_steps": st.routed_steps, "recall": self.proposer.recall}
+        if t.route_k_max is not None:
+            out.update(k_max=t.route_k_max, recall_k=dict(zip(self.proposer.ks, self.proposer.recall_K)))
+        if st.routed_passes is not None:
+            out["pass_share"] = (final_it - st.routed_steps + st.routed_passes) / max(final_it, 1)
+        return out
 
 
 def train(cfg: Config, after_iteration: list[Callable] = ()) -> dict | None:

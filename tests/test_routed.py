@@ -30,7 +30,7 @@ from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
 from icm_dist.rng import generator
 from icm_dist.router import RECALL_WEIGHT, Proposer
-from icm_dist.routing import explore_candidates, route_candidates, routed_iteration
+from icm_dist.routing import explore_candidates, plan_splits, route_candidates, routed_iteration
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_the_router_learns_from_full_competitions_only_and_routes_only_above_its
     assert p.recall == RECALL_WEIGHT * recall and loss > 0
     assert p.candidates(x, 4).all(), "routed by the schedule, but the recall is below route_min_recall"
     p.learn(torch.zeros(16, dtype=torch.long), scores)
-    p.recall = 0.5
+    p.recall_K = [0.5]
     before = [q.clone() for q in p.module.parameters()]
     routed = p.candidates(x, 4)
     assert routed.sum(dim=1).tolist() == [1] * 16
@@ -348,3 +348,52 @@ def test_the_heldout_recall_is_the_share_of_winners_among_the_top_k(data_root, p
     winners = torch.arange(16) % 4
     want = float(top[torch.arange(16), winners].float().mean())
     assert p.heldout_recall(x, winners) == want == p.heldout_recall(x, winners, batch=5)
+
+
+def test_an_unsure_router_routes_with_the_fewest_candidates_that_have_the_recall(data_root, proto):
+    """train.route_k_max: a full competition measures the recall at every k from route_k to route_k_max (the
+    share of winners among the top k, before learning), and a routed step takes the smallest k whose
+    running recall reaches route_min_recall; none: a full competition."""
+    p = _proposer(data_root, "train.route_k_max=3", "train.route_min_recall=0.6", "train.route_full_every=2")
+    x = _batches(proto, 0)[0]
+    assert p.ks == [1, 2, 3] and p.candidates(x, 1).all() and p.k is None  # no k measured yet: full
+    with torch.no_grad():
+        logits = p.module(x)
+    winners = torch.arange(16) % 4
+    p.candidates(x, 2)  # every 2nd: a full competition, which measures
+    want = [RECALL_WEIGHT * float(route_candidates(logits, k)[torch.arange(16), winners].float().mean())
+            for k in (1, 2, 3)]
+    _, recall = p.learn(winners, torch.zeros(16, 4))
+    assert p.recall_K == pytest.approx(want, abs=1e-12) and recall == pytest.approx(want[0] / RECALL_WEIGHT)
+    for recall_K, k in (([0.3, 0.7, 0.9], 2), ([0.3, 0.4, 0.5], None), ([0.95, 0.96, 0.97], 1), ([0.1, 0.2, 0.6], 3)):
+        p.recall_K = recall_K
+        cand = p.candidates(x, 3)
+        assert p.k == k and (cand.all() if k is None else cand.sum(1).tolist() == [k] * 16), recall_K
+
+
+def test_a_router_file_without_the_recall_at_every_k_routes_with_route_k_until_it_measures(tmp_path):
+    manifest = {"trainer_state": {}}
+    assert ck._router_recall(tmp_path, {"recall": "0.8"}, manifest, 3) == [0.8, 0.0, 0.0]
+    assert ck._router_recall(tmp_path, {"recall": "0.8", "recall_k": "[0.8, 0.9]"}, manifest, 2) == [0.8, 0.9]
+    with pytest.raises(ck.CheckpointError, match="train.route_k_max"):
+        ck._router_recall(tmp_path, {"recall_k": "[0.8, 0.9]"}, manifest, 3)
+
+
+def test_the_splits_count_routed_wins_as_full_ones(tmp_path, data_root, mnist):
+    """Routing runs only while its winners are the full competition's, so a split check counts the wins of
+    every step since the last, routed or full: each check makes plan_splits' pairs over all of them (one
+    full competition in each window of three after the warm-up), and the routed wins changed a decision."""
+    splits = ["train.split_every=3", "train.split_steps=2", "train.split_iterations=15", "train.split_idle_share=0.9",
+              "train.split_donor_share=1.05"]
+    steps, summary = train_ranks(tmp_path, 1, ["train.precision=fp32", "identity_init.max_steps=10",
+                                               "eval.final_examples=100", *splits, *ROUTED], data_root)
+    mattered = False
+    for c in range(3, 16, 3):
+        window = steps[c - 3:c]
+        wins = torch.bincount(torch.tensor([w for st in window for w in st["winners"]]), minlength=3)
+        made = [(s["donor"], s["copy"]) for s in summary["splits"] if s["iteration"] == c]
+        assert made == plan_splits(wins, 0.9, 1.05), (c, wins, made)
+        full = [st for t, st in enumerate(window, c - 2) if not routed_iteration(t, 2, 4, 3)]
+        full_wins = torch.bincount(torch.tensor([w for st in full for w in st["winners"]]), minlength=3)
+        mattered |= plan_splits(full_wins, 0.9, 1.05) != made
+    assert summary["splits"] and mattered, summary["splits"]
