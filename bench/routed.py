@@ -15,6 +15,12 @@ transformed digits of the config's mechanisms.
 
 Also printed: the mean cost of an iteration of a routed run, ``(full + (F - 1) * routed) / F`` for
 ``train.route_full_every`` = F, against the full competition's, and on CUDA each path's peak memory.
+``--from-run RUN`` adds the mean cost of an iteration as routing actually ran in that run: its metrics
+give, for every logged window, the share of routed iterations (gate closures and splits included) and
+their candidates per example (``route/pass_share``: the router's k, the exploration draws, divisions),
+and each window costs that mix of this machine's full step and a routed step at those candidates. With
+``--experts`` other than the run's, that schedule is carried over to the other committee size (an
+extrapolation: the same routed share and candidates per example).
 ``--largest`` then doubles N' from the config's until a full step no longer fits in the GPU's memory (or
 ``--max-experts``) and prints the largest committee that ran, its step time and peak memory. The last line
 reads ``routed N.NNx`` (full over that mean, for the config's k, or the middle k given).
@@ -23,6 +29,7 @@ reads ``routed N.NNx`` (full over that mean, for the config's k, or the middle k
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -30,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -81,6 +89,24 @@ def _time(cfg, proto, paths, dist, steps: int, warmup: int = 2) -> tuple[dict, d
     return {name: statistics.median(v) for name, v in times.items()}, peak
 
 
+def run_schedule(run_dir: Path) -> list[tuple[float, float]]:
+    """Every logged window of a routed run: (share of routed iterations, candidates per example of a routed
+    step), from its metrics.jsonl (``route/routed_share``, ``route/pass_share``) and its config's N'."""
+    N = yaml.safe_load((run_dir / "config.yaml").read_text())["expert"]["num"]
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "route/pass_share" not in row:
+            continue
+        rs = row["route/routed_share"]
+        # pass_share = (1 - rs) * 1 + rs * c / N over the window's steps
+        out.append((rs, (row["route/pass_share"] - (1 - rs)) / rs * N if rs > 0 else 0.0))
+    if not out:
+        raise SystemExit(f"bench/routed.py: {run_dir}/metrics.jsonl has no route/pass_share (a routed run "
+                         "of this version logs it)")
+    return out
+
+
 def _largest(args, over, proto, dist) -> None:
     """Double N' until a full step does not fit (CUDA out of memory) or --max-experts; print the last that ran."""
     n, best = load_config(args.config, over).expert.num, None
@@ -118,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-experts", type=int, default=4096, help="where --largest stops doubling")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--data-root", default=str(REPO / "data"))
+    p.add_argument("--from-run", type=Path, help="a routed run's directory: also the mean cost as it routed")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     over = [f"data.root={args.data_root}", "tracking.wandb.mode=disabled", f"device={args.device}", *args.set]
@@ -127,7 +154,10 @@ def main(argv=None) -> int:
     N, B = cfg.expert.num, cfg.train.batch_size
     proto = build_protocol(cfg)
     dist = Dist(0, 1, 0, torch.device(args.device))
-    med, peak = _time(cfg, proto, _paths(cfg, [None, *args.k], dist.device), dist, args.steps)
+    schedule = run_schedule(args.from_run) if args.from_run else []
+    run_ks = sorted({max(1, min(N - 1, round(c))) for rs, c in schedule if rs > 0})
+    med, peak = _time(cfg, proto, _paths(cfg, sorted({None, *args.k, *run_ks}, key=lambda k: k or 0), dist.device),
+                      dist, args.steps)
 
     print(f"bench/routed.py: {os.path.relpath(args.config, REPO)}, N'={N}, B={B}, {len(cfg.data.mechanisms)} "
           f"mechanisms, norm {cfg.expert.norm}, precision {resolve_precision(cfg.train.precision, dist.device)}, "
@@ -142,6 +172,13 @@ def main(argv=None) -> int:
         mem = f"{peak[name]:>10.0f} MiB" if name in peak else ""
         print(f"  {name:<8}{1000 * m:>11.0f}{med['full'] / m:>8.2f}x{1000 * mean:>22.0f}"
               f"{med['full'] / mean:>8.2f}x{mem}")
+    if schedule:
+        run_mean = statistics.mean((1 - rs) * med["full"] + rs * med[f"k={max(1, min(N - 1, round(c)))}"]
+                                   if rs > 0 else med["full"] for rs, c in schedule)
+        routed = statistics.mean(rs for rs, _ in schedule)
+        print(f"  as {args.from_run} routed ({len(schedule)} windows, {routed:.0%} of iterations routed, "
+              f"candidates per example {', '.join(map(str, run_ks))}): {1000 * run_mean:.0f} ms/iter, "
+              f"{med['full'] / run_mean:.2f}x against the full competition")
     if args.largest:
         _largest(args, over, proto, dist)
     k = cfg.train.route_k if cfg.train.route_k in args.k else args.k[len(args.k) // 2]

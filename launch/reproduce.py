@@ -138,6 +138,7 @@ def main() -> int:
     out = Path(args.out)
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    failed = 0
     if not args.report_only:
         # Seeds first, experiments second: with a time limit, every experiment gets its early seeds.
         jobs = [(name, suite_path.parent / spec["config"], seed, [*spec.get("overrides", []), *args.overrides])
@@ -146,6 +147,7 @@ def main() -> int:
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for res in pool.map(lambda j: run_one(j[0], j[1], j[2], out, j[3], log_dir), jobs):
+                failed += res["status"].startswith("failed")
                 print(f"[{time.time() - t0:6.0f}s] {res['name']} seed {res['seed']}: {res['status']}"
                       + (f" ({res['seconds']:.0f}s)" if "seconds" in res else ""), flush=True)
     results = aggregate(suite, out)
@@ -153,7 +155,9 @@ def main() -> int:
     md = to_markdown(results, suite)
     (out / "results.md").write_text(md)
     print(md)
-    return 0
+    if failed:
+        print(f"error: {failed} run(s) failed; their logs are in {log_dir}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
