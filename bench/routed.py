@@ -155,7 +155,11 @@ def main(argv=None) -> int:
     proto = build_protocol(cfg)
     dist = Dist(0, 1, 0, torch.device(args.device))
     schedule = run_schedule(args.from_run) if args.from_run else []
-    run_ks = sorted({max(1, min(N - 1, round(c))) for rs, c in schedule if rs > 0})
+
+    def run_k(c: float) -> int:  # a window's candidates per example, as a k this committee can route with
+        return max(1, min(N - 1, round(c)))
+
+    run_ks = sorted({run_k(c) for rs, c in schedule if rs > 0})
     med, peak = _time(cfg, proto, _paths(cfg, sorted({None, *args.k, *run_ks}, key=lambda k: k or 0), dist.device),
                       dist, args.steps)
 
@@ -173,8 +177,8 @@ def main(argv=None) -> int:
         print(f"  {name:<8}{1000 * m:>11.0f}{med['full'] / m:>8.2f}x{1000 * mean:>22.0f}"
               f"{med['full'] / mean:>8.2f}x{mem}")
     if schedule:
-        run_mean = statistics.mean((1 - rs) * med["full"] + rs * med[f"k={max(1, min(N - 1, round(c)))}"]
-                                   if rs > 0 else med["full"] for rs, c in schedule)
+        run_mean = statistics.mean((1 - rs) * med["full"] + rs * med[f"k={run_k(c)}"] if rs > 0 else med["full"]
+                                   for rs, c in schedule)
         routed = statistics.mean(rs for rs, _ in schedule)
         print(f"  as {args.from_run} routed ({len(schedule)} windows, {routed:.0%} of iterations routed, "
               f"candidates per example {', '.join(map(str, run_ks))}): {1000 * run_mean:.0f} ms/iter, "
