@@ -2,10 +2,10 @@
 and a checkpoint saved by 2 ranks resumed by 3 and by 1.
 
 One uninterrupted 2-rank run is the reference for both. The kill uses the trainer's test hook
-(ICM_DIST_TEST_KILL_AT, ICM_DIST_TEST_KILL_RANK): on torchrun's first attempt, rank 1 (or 0, the one
-that logs to wandb) SIGKILLs itself after iteration 13, between the checkpoints of iterations 10 and
-15; torchrun restarts the group, which resumes from iteration 10 by itself (resume is left unset: a
-restart resumes as resume=auto).
+(ICM_DIST_TEST_KILL_AT, ICM_DIST_TEST_KILL_RANK): on torchrun's first attempt, rank 0 (the one that logs to
+wandb; a killed rank 1 is test_multinode.py's) SIGKILLs itself after iteration 13, between the checkpoints of
+iterations 10 and 15; torchrun restarts the group, which resumes from iteration 10 by itself (resume is left
+unset: a restart resumes as resume=auto).
 """
 
 from __future__ import annotations
@@ -56,26 +56,6 @@ def reference(tmp_path_factory, data_root, mnist):
     return out
 
 
-def test_sigkill_one_worker_torchrun_restarts_and_finishes_bitwise(reference, tmp_path, data_root):
-    out = tmp_path / "killed"
-    r = _run(_torchrun(2, *_args(out, data_root), restarts=1), ICM_DIST_TEST_KILL_AT="13")
-    log = r.stdout + r.stderr
-    # Not torchrun's "exitcode: -9" line: torchrun logs only the failure it dates first, and rank 0's
-    # error file (launch/train.py runs under @record) can date its gloo error to a second before the
-    # one in which torchrun noticed rank 1's death.
-    assert "test hook: rank 1 SIGKILLs itself after iteration 13" in log
-    cpu = torch.device("cpu")  # the start-up line says what `auto` picked here and what that promises
-    assert f"world size 2, experts per rank [2, 1], {world_size_promise(resolve_precision('auto', cpu), cpu)}" in log
-    assert "failed (exitcode:" in log  # torchrun saw the group fail
-    assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
-    assert json.loads((out / "summary.json").read_text())["iterations"] == 20
-    assert same_tensors(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
-    # The restarted run rewrote iterations 11-13: metrics.jsonl holds each training row once.
-    its = [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()
-           if "d_loss" in json.loads(x)]
-    assert its == sorted(set(its)) and its[-1] == 20
-
-
 # Starts a wandb service the way any wandb user's process does (it exports WANDB_SERVICE), then runs the
 # command it is given, which inherits that variable.
 _WANDB_PARENT = """
@@ -89,17 +69,28 @@ sys.exit(subprocess.run(sys.argv[2:]).returncode)
 
 def test_rank0_killed_under_an_inherited_wandb_service_restarts_and_resumes_its_wandb_run(reference, tmp_path,
                                                                                       data_root):
-    """Rank 0 (the one that logs to wandb) SIGKILLed, with a wandb service inherited from torchrun's parent
-    (CI's pytest, a notebook, a sweep script). That service would keep the run id "in use" and refuse the
-    restart's resume of it; the tracker does not join an inherited service (icm_dist/tracking.py)."""
+    """Rank 0 (the one that logs to wandb and writes the run directory) SIGKILLed after iteration 13: torchrun
+    restarts the group, which resumes from iteration 10 and ends bitwise equal to an uninterrupted run, with
+    each metrics row once. With a wandb service inherited from torchrun's parent (CI's pytest, a notebook,
+    a sweep script), which would keep the run id "in use" and refuse the restart's resume of it; the tracker
+    does not join an inherited service (icm_dist/tracking.py). A killed worker that is not rank 0:
+    test_multinode.py."""
     out = tmp_path / "killed0"
     cmd = [sys.executable, "-c", _WANDB_PARENT, str(tmp_path),
            *_torchrun(2, *_args(out, data_root, "tracking.wandb.mode=offline"), restarts=1)]
     r = _run(cmd, ICM_DIST_TEST_KILL_AT="13", ICM_DIST_TEST_KILL_RANK="0", WANDB_MODE="offline", WANDB_SILENT="true")
     log = r.stdout + r.stderr
     assert "test hook: rank 0 SIGKILLs itself after iteration 13" in log
+    cpu = torch.device("cpu")  # the start-up line says what `auto` picked here and what that promises
+    assert f"world size 2, experts per rank [2, 1], {world_size_promise(resolve_precision('auto', cpu), cpu)}" in log
+    assert "failed (exitcode:" in log  # torchrun saw the group fail
     assert f"torchrun restart 1: resuming from {out / 'checkpoints' / 'iter_0000010'}" in log
+    assert json.loads((out / "summary.json").read_text())["iterations"] == 20
     assert same_tensors(reference / "checkpoints/iter_0000020", out / "checkpoints/iter_0000020") == []
+    # The restarted run rewrote iterations 11-13: metrics.jsonl holds each training row once.
+    its = [json.loads(x)["iteration"] for x in (out / "metrics.jsonl").read_text().splitlines()
+           if "d_loss" in json.loads(x)]
+    assert its == sorted(set(its)) and its[-1] == 20
     # Both attempts logged to one wandb run: the killed one and the restart that resumed it.
     rid = (out / "wandb_run_id").read_text().strip()
     assert len(list((out / "wandb").glob(f"offline-run-*-{rid}"))) == 2
