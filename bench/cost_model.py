@@ -54,8 +54,6 @@ def routed_t1(points: list[tuple[int, float]], m: int, pass_share: float) -> flo
     """t1(m) with its per-expert part scaled by ``pass_share``: the fixed part (D on the real batch, the
     optimizer steps, launches) is the intercept of the two smallest points, at least 0 (all of t1 is
     per-expert when only one point is known)."""
-    if pass_share == 1.0:
-        return t1(points, m)
     pts = sorted(points)
     fixed = 0.0
     if len(pts) > 1:
@@ -80,8 +78,7 @@ def predict(points, n_experts: int, world: int, batch: int, d_params: int, bw_no
     compute = routed_t1(points, m, pass_share)
     allreduce = 2 * (world - 1) / world * 4 * d_params / bw + 2 * (world - 1) * lat if world > 1 else 0.0
     gather = (world - 1) * 4 * batch * m / bw + (world - 1) * lat if world > 1 else 0.0
-    routed = routed_share > 0 and world > 1
-    mask = math.ceil(math.log2(world)) * (batch * n_experts / bw + lat) if routed else 0.0
+    mask = math.ceil(math.log2(world)) * (batch * n_experts / bw + lat) if routed_share > 0 else 0.0
     step = compute + allreduce + gather + mask
     parts = {"compute": compute, "D all-reduce": allreduce, "score all_gather": gather, "mask broadcast": mask}
     lo, hi = min(n for n, _ in points), max(n for n, _ in points)

@@ -1,9 +1,4 @@
-"""The benches' scripts that a GPU session runs unchanged: here on the CPU, with tiny settings.
-
-Its own file, early in the suite's order: on a clean checkout (no classifiers cached) this is one of the
-longest tests, and the two pytest-xdist workers take files in order, so it runs beside the rest of the
-suite instead of after it.
-"""
+"""The benches' scripts that a GPU session runs unchanged: here on the CPU, with tiny settings."""
 
 import json
 import os
@@ -16,19 +11,13 @@ from procs import run
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("WANDB_MODE", None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 def test_the_gpu_scale_script_runs_on_the_cpu_with_tiny_settings(tmp_path, data_root, mnist):
     """bench/gpu_scale.sh, the GPU session's prepared check of the large committee (the benches, short training
     runs, configs/scale/suite.yaml through launch/reproduce.py), with SMOKE=1 on the CPU: every command runs
     as it will on the first GPU, only smaller, and every output it promises is written."""
     out = tmp_path / "out"
-    env = {**_env(), "OUT": str(out), "DEVICE": "cpu", "SMOKE": "1", "DATA_ROOT": data_root,
+    # The script sets PYTHONUNBUFFERED and WANDB_MODE itself (conftest.py drops an inherited WANDB_MODE too).
+    env = {**os.environ, "OUT": str(out), "DEVICE": "cpu", "SMOKE": "1", "DATA_ROOT": data_root,
            "PYTHON": sys.executable}
     r = run(["bash", "bench/gpu_scale.sh"], cwd=REPO, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -142,8 +142,8 @@ def test_splits_happen_at_checks_up_to_their_cut_off_and_divide_for_split_steps(
 
 def test_with_more_experts_than_mechanisms_only_idle_experts_beyond_the_spare_ones_become_copies(tmp_path, data_root,
                                                                                              mnist):
-    """4 experts for tiny's 3 mechanisms on one rank (the rule is the same on every rank: the splits of two
-    ranks are test_two_ranks_decide_what_one_rank_decides'): one idle expert is expected, so every check makes the
+    """4 experts for tiny's 3 mechanisms on one rank (every rank applies the same rule; that two ranks split as
+    one does is test_two_ranks_decide_what_one_rank_decides): one idle expert is expected, so every check makes the
     pairs of ``plan_splits(..., spare=1)`` over the wins since the previous check, and at least one check
     made fewer pairs than it would have without the spare expert. With ``split_merged_share``, a donor that
     won that many mechanisms' shares is split beyond the spare rule: every check makes the pairs of
