@@ -167,11 +167,10 @@ def _worker(k: int, rank: int, world: int, threads: int, experts_num: int, init_
     counter.install()
     if world > 1:
         tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from icm_dist.competition import build_competition
     from icm_dist.config import load_config
     from icm_dist.dist import Dist, ShardPlan, check_same_config
     from icm_dist.evaluate import run_committee
-    from icm_dist.experts import LocalExperts
-    from icm_dist.models import make_discriminator
     from icm_dist.precision import resolve_precision
     from icm_dist.step import competition_step
 
@@ -181,13 +180,8 @@ def _worker(k: int, rank: int, world: int, threads: int, experts_num: int, init_
     check_same_config(dist, cfg)
     counter.phase = "setup"
     plan = ShardPlan(cfg.expert.num, world)
-    experts = LocalExperts(cfg, list(plan.block(rank)), dist.device)
-    disc_module = make_discriminator(cfg)
-    if cfg.train.channels_last:
-        disc_module = disc_module.to(memory_format=torch.channels_last)
-    disc_opt = torch.optim.Adam(disc_module.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
-                             eps=cfg.train.eps)
-    disc = dist.wrap_discriminator(disc_module)
+    comp = build_competition(cfg, dist, plan.block(rank))
+    experts, disc_module, disc_opt, disc = comp.experts, comp.disc_module, comp.disc_opt, comp.disc
     if world > 1:
         disc.register_comm_hook(None, counter.ddp_hook)
 
@@ -295,20 +289,18 @@ def main(argv=None) -> int:
     if args.experts < 2:
         p.error("--experts must be at least 2 (the 2-process run needs an expert per rank)")
 
+    from icm_dist.competition import draw_batch
     from icm_dist.config import load_config
     from icm_dist.models import make_discriminator, num_params
     from icm_dist.precision import describe_cpu
     from icm_dist.protocol import build_protocol
-    from icm_dist.rng import sample_indices
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args, args.experts))
     proto = build_protocol(cfg)
     T, B = args.warmup + args.steps, args.batch
-    fake = torch.stack([proto.transformed_x[sample_indices(proto.transformed_x.shape[0], B, cfg.seed, "fake-batch", t)]
-                        for t in range(T)])
-    real = torch.stack([proto.canonical_x[sample_indices(proto.canonical_x.shape[0], B, cfg.seed, "real-batch", t)]
-                        for t in range(T)])
+    fake, real = (torch.stack(xs) for xs in zip(*(draw_batch(cfg, proto.transformed_x, proto.canonical_x, t)
+                                                   for t in range(T))))
     tmp = tempfile.mkdtemp(prefix="icm_bench_inputs_")
     inputs_path = os.path.join(tmp, "inputs.safetensors")
     save_file({"fake": fake.contiguous(), "real": real.contiguous(),

@@ -43,24 +43,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.step import sync  # noqa: E402
+from icm_dist.competition import build_competition, draw_batch  # noqa: E402
 from icm_dist.config import load_config  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
-from icm_dist.experts import LocalExperts  # noqa: E402
-from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
 from icm_dist.protocol import build_protocol  # noqa: E402
-from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.routing import route_candidates  # noqa: E402
 from icm_dist.step import competition_step  # noqa: E402
 
 
 def _paths(cfg, ks, device):
     """A fresh committee, D and D's Adam per path (None: the full competition)."""
-    out = {}
+    out, dist = {}, Dist(0, 1, 0, device)
     for k in ks:
-        ex = LocalExperts(cfg, list(range(cfg.expert.num)), device)
-        D = make_discriminator(cfg).to(device).to(memory_format=torch.channels_last)
-        out["full" if k is None else f"k={k}"] = (k, ex, D, torch.optim.Adam(D.parameters()))
+        comp = build_competition(cfg, dist)
+        out["full" if k is None else f"k={k}"] = (k, comp.experts, comp.disc, comp.disc_opt)
     return out
 
 
@@ -71,8 +68,7 @@ def _time(cfg, proto, paths, dist, steps: int, warmup: int = 2) -> tuple[dict, d
     gen = torch.Generator().manual_seed(0)
     times, peak = {name: [] for name in paths}, {}
     for t in range(warmup + steps):
-        f = proto.transformed_x[sample_indices(len(proto.transformed_x), B, cfg.seed, "fake-batch", t)].to(device)
-        r = proto.canonical_x[sample_indices(len(proto.canonical_x), B, cfg.seed, "real-batch", t)].to(device)
+        f, r = (x.to(device) for x in draw_batch(cfg, proto.transformed_x, proto.canonical_x, t))
         logits = torch.rand(B, N, generator=gen).to(device)
         for name, (k, ex, D, opt) in paths.items():
             cand = None if k is None else route_candidates(logits, k)

@@ -39,16 +39,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from icm_dist.competition import build_competition, draw_batch  # noqa: E402
 from icm_dist.config import apply_override, load_config  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import run_committee  # noqa: E402
-from icm_dist.experts import LocalExperts  # noqa: E402
 from icm_dist.identity import identity_init  # noqa: E402
-from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
 from icm_dist.protocol import build_protocol  # noqa: E402
 from icm_dist.reference import reference_step  # noqa: E402
-from icm_dist.rng import sample_indices  # noqa: E402
 from icm_dist.step import competition_step, expert_backward  # noqa: E402
 
 
@@ -66,27 +64,24 @@ def setup(experts: int, device: str, overrides=()):
 
 
 def batch(proto, cfg, t, device):
-    B = cfg.train.batch_size
-    f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], B, cfg.seed, "fake-batch", t)]
-    r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], B, cfg.seed, "real-batch", t)]
+    """The trainer's batch of iteration ``t + 1``, on ``device``."""
+    f, r = draw_batch(cfg, proto.transformed_x, proto.canonical_x, t)
     return f.to(device), r.to(device)
 
 
 def fast_path(cfg, dist):
     """The trainer's experts, D and D's optimizer for one process holding every expert."""
-    fast = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
-    D_fast = make_discriminator(cfg).to(dist.device)
-    if cfg.train.channels_last:
-        D_fast = D_fast.to(memory_format=torch.channels_last)
-    return fast, D_fast, torch.optim.Adam(D_fast.parameters(), lr=1e-3)
+    comp = build_competition(cfg, dist)
+    return comp.experts, comp.disc, comp.disc_opt
 
 
 def make_paths(cfg, dist):
     fast, D_fast, opt_fast = fast_path(cfg, dist)
     ref = [e.float().to(memory_format=torch.contiguous_format) for e in fast.bank.to_experts()]
-    ref_opts = [torch.optim.Adam(e.parameters(), lr=1e-3) for e in ref]
+    adam = {"betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
+    ref_opts = [torch.optim.Adam(e.parameters(), lr=cfg.train.lr_expert, **adam) for e in ref]
     D_ref = copy.deepcopy(D_fast).to(memory_format=torch.contiguous_format)
-    opt_ref = torch.optim.Adam(D_ref.parameters(), lr=1e-3)
+    opt_ref = torch.optim.Adam(D_ref.parameters(), lr=cfg.train.lr_discriminator, **adam)
     return (fast, D_fast, opt_fast), (ref, ref_opts, D_ref, opt_ref)
 
 
@@ -172,7 +167,7 @@ def families_main(args) -> None:
 
 def throughput(cfg, proto, dist):
     """Identity-init steps/s and evaluation examples/s of the fast path."""
-    ex = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
+    ex, D, _ = fast_path(cfg, dist)
     cfg_id = copy.deepcopy(cfg)
     cfg_id.identity_init.max_steps = 10
     cfg_id.identity_init.mse = 1e-9  # never converges: times exactly max_steps steps
@@ -182,7 +177,6 @@ def throughput(cfg, proto, dist):
     identity_init(ex, proto.transformed_x.to(dist.device), cfg_id, dist.device)
     sync(dist.device)
     id_rate = 10 / (time.perf_counter() - t0)
-    D = make_discriminator(cfg).to(dist.device)
     plan = ShardPlan(cfg.expert.num, 1)
     n = 2000
     run_committee(ex, D, proto.test_x[:500], plan, dist, cfg)

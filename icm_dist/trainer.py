@@ -18,17 +18,16 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_lib
 from . import figures
+from .competition import batch_indices, build_competition
 from .config import Config, config_hash
 from .data.images import load_images
 from .dist import Dist, ShardPlan, init_distributed
 from .errors import IcmError, TrainingError, on_every_rank
 from .evaluate import eval_metrics, evaluate, train_classifier
-from .experts import LocalExperts, copy_expert
+from .experts import copy_expert
 from .identity import identity_init
-from .models import make_discriminator
 from .precision import resolve_precision, world_size_promise
 from .protocol import build_protocol
-from .rng import sample_indices
 from .router import Proposer
 from .routing import plan_splits
 from .rundir import RunDir
@@ -205,13 +204,9 @@ class Trainer:
     def _setup_models(self) -> None:
         cfg, dist = self.cfg, self.dist
         C = self.proto.channels
-        self.experts = LocalExperts(cfg, list(self.plan.block(dist.rank)), dist.device, C)
-        self.disc_module = make_discriminator(cfg, C).to(dist.device)
-        if cfg.train.channels_last:
-            self.disc_module = self.disc_module.to(memory_format=torch.channels_last)
-        self.disc_opt = torch.optim.Adam(self.disc_module.parameters(), lr=cfg.train.lr_discriminator,
-                                         betas=tuple(cfg.train.betas), eps=cfg.train.eps)
-        self.disc = dist.wrap_discriminator(self.disc_module)
+        comp = build_competition(cfg, dist, self.plan.block(dist.rank), C)
+        self.experts, self.disc_module, self.disc_opt, self.disc = (comp.experts, comp.disc_module, comp.disc_opt,
+                                                                    comp.disc)
         # The routed competition's router: rank 0 proposes, every rank runs what it proposed.
         self.proposer = Proposer(cfg, C, dist.device) if cfg.train.route_k is not None and dist.is_main else None
 
@@ -288,8 +283,7 @@ class Trainer:
         """Iteration ``t + 1`` of Algorithm 1; returns its result, the mechanism of each fake example, and its
         expert passes in full competitions' worth (below 1: a routed competition)."""
         cfg, B, N = self.cfg, self.cfg.train.batch_size, self.cfg.expert.num
-        idx_fake = sample_indices(self.fake_x.shape[0], B, cfg.seed, "fake-batch", t)
-        idx_real = sample_indices(self.real_x.shape[0], B, cfg.seed, "real-batch", t)
+        idx_fake, idx_real = batch_indices(cfg, self.fake_x.shape[0], self.real_x.shape[0], t)
         capacity = None
         if cfg.train.capacity_factor is not None and t < cfg.train.capacity_iterations:
             capacity = math.ceil(cfg.train.capacity_factor * B / N)

@@ -34,10 +34,9 @@ from safetensors.torch import save_file  # noqa: E402
 from icm_dist import checkpoint as ck  # noqa: E402
 from icm_dist.commands import reuse  # noqa: E402
 from icm_dist.commands.cli import main as cli_main  # noqa: E402
+from icm_dist.competition import build_competition  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import evaluate, run_committee, train_classifier  # noqa: E402
-from icm_dist.experts import LocalExperts  # noqa: E402
-from icm_dist.models import make_discriminator  # noqa: E402
 from icm_dist.protocol import build_protocol  # noqa: E402
 
 
@@ -51,10 +50,10 @@ def evaluate_phase(rank: int, world: int, port: int, ckpt: Path, out: Path, n: i
             cache["classifier"] = train_classifier(cfg, cache["proto"], device) if rank == 0 else None
         proto, classifier = cache["proto"], cache["classifier"]
         plan = ShardPlan(cfg.expert.num, world)
-        experts = LocalExperts(cfg, list(plan.block(rank)), device)
-        disc = make_discriminator(cfg)
-        ck.load_into(ckpt, cfg, experts, disc, torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator))
         dist = Dist(rank, world, 0, device)
+        comp = build_competition(cfg, dist, plan.block(rank))
+        experts, disc = comp.experts, comp.disc_module
+        ck.load_into(ckpt, cfg, experts, disc, comp.disc_opt)
         ev = evaluate(experts, disc, proto, classifier, plan, dist, cfg, n)
         res = run_committee(experts, disc, proto.test_x[:n], plan, dist, cfg)
         tensors = {"scores": res["scores"], "winners": res["winners"], "restored": res["restored"]}

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from icm_dist import checkpoint as ck
 from icm_dist.commands import reuse
+from icm_dist.competition import build_competition
 from icm_dist.config import load_config
-from icm_dist.dist import ShardPlan
+from icm_dist.dist import Dist, ShardPlan
 from icm_dist.errors import CheckpointError, OutputError
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
@@ -161,6 +162,11 @@ def _fill(experts: LocalExperts, step_base: float = 1.0) -> None:
         experts.opt.load_expert_state(j, optim)
 
 
+def _competition(cfg, ids):
+    """The experts ``ids``, D and D's Adam as a rank of the trainer builds them, on the CPU."""
+    return build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")), ids)
+
+
 def _disc_with_state(cfg):
     disc = make_discriminator(cfg)
     opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
@@ -189,17 +195,16 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
 
     dst = ShardPlan(4, w_to)
     for r in range(w_to):
-        ex = LocalExperts(cfg, list(dst.block(r)), torch.device("cpu"))
-        d2 = make_discriminator(cfg)
-        o2 = torch.optim.Adam(d2.parameters(), lr=1e-3)
-        ck.load_into(final, cfg, ex, d2, o2)
+        comp = _competition(cfg, dst.block(r))
+        ex = comp.experts
+        ck.load_into(final, cfg, ex, comp.disc_module, comp.disc_opt)
         for j, gid in enumerate(ex.ids):
             for got, want in ((ex.bank.expert_state(j), reference.bank.expert_state(gid)),
                               (ex.opt.expert_state(j), reference.opt.expert_state(gid))):
                 assert got.keys() == want.keys()
                 for k in want:
                     assert torch.equal(got[k], want[k]), (gid, k)
-        _assert_same_discriminator(d2, o2, disc, disc_opt)
+        _assert_same_discriminator(comp.disc_module, comp.disc_opt, disc, disc_opt)
 
 
 def _assert_same_discriminator(d_got, opt_got, d_want, opt_want) -> None:
@@ -261,9 +266,8 @@ def test_missing_expert_file(broken, cfg):
     msg = _one_line_error(ck.verify_checkpoint, c)
     assert "'expert_002.safetensors' is missing" in msg
     # The rank that owns expert 2 verifies exactly that file when it loads.
-    ex = LocalExperts(cfg, [2], torch.device("cpu"))
-    disc = make_discriminator(cfg)
-    msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+    comp = _competition(cfg, [2])
+    msg = _one_line_error(ck.load_into, c, cfg, comp.experts, comp.disc_module, comp.disc_opt)
     assert "expert_002.safetensors" in msg
 
 
@@ -286,9 +290,8 @@ def test_shapes_do_not_fit(broken, cfg):
     m = json.loads((c / "manifest.json").read_text())
     m["files"]["expert_000.safetensors"] = {"sha256": ck.sha256_file(p), "bytes": p.stat().st_size}
     (c / "manifest.json").write_text(json.dumps(m))
-    ex = LocalExperts(cfg, [0, 1, 2], torch.device("cpu"))
-    disc = make_discriminator(cfg)
-    msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+    comp = _competition(cfg, [0, 1, 2])
+    msg = _one_line_error(ck.load_into, c, cfg, comp.experts, comp.disc_module, comp.disc_opt)
     assert "expert_000.safetensors" in msg and "out.weight" in msg and "(1, 4, 3, 3)" in msg and "(1, 8, 3, 3)" in msg
 
 
@@ -369,12 +372,9 @@ def _as_before_save(run_a: Path, dst: Path, iteration: int) -> Path:
 def _held_state(ckpt: Path, cfg, ids=(0, 1, 2)):
     """What the ranks held when they saved ``ckpt``: experts ``ids``, D, D's Adam, and the manifest (trainer
     state, metrics)."""
-    experts = LocalExperts(cfg, list(ids), torch.device("cpu"))
-    disc = make_discriminator(cfg)
-    opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
-                           eps=cfg.train.eps)
-    manifest = ck.load_into(ckpt, cfg, experts, disc, opt)
-    return experts, disc, opt, manifest
+    comp = _competition(cfg, ids)
+    manifest = ck.load_into(ckpt, cfg, comp.experts, comp.disc_module, comp.disc_opt)
+    return comp.experts, comp.disc_module, comp.disc_opt, manifest
 
 
 class _OsCrashingAt:
@@ -574,10 +574,10 @@ def test_malicious_checkpoint_file_with_a_wrong_sha256_is_refused_before_it_is_r
     for tampered in (bytes(readable), _bait(marker, size)):
         target.write_bytes(tampered)
         assert target.stat().st_size == size
-        ex = LocalExperts(cfg, [1], torch.device("cpu"))
+        comp = _competition(cfg, [1])
+        ex = comp.experts
         before = {k: v.clone() for k, v in ex.state(0).flat().items()}
-        disc = make_discriminator(cfg)
-        msg = _one_line_error(ck.load_into, c, cfg, ex, disc, torch.optim.Adam(disc.parameters()))
+        msg = _one_line_error(ck.load_into, c, cfg, ex, comp.disc_module, comp.disc_opt)
         assert "expert_001.safetensors" in msg and "fails its sha256 check" in msg, msg
         assert "expert_001.safetensors" not in opened, opened
         assert all(torch.equal(v, before[k]) for k, v in ex.state(0).flat().items())

@@ -14,15 +14,14 @@ from invariance_checks import (
     lowest_id_among_maxima,
 )
 
+from icm_dist.competition import build_competition, draw_batch
 from icm_dist.config import load_config
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import ExpertState, LocalExperts, copy_expert
 from icm_dist.families.conv import Expert
 from icm_dist.identity import identity_init
-from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
 from icm_dist.reference import reference_step
-from icm_dist.rng import sample_indices
 from icm_dist.step import competition_step
 
 
@@ -30,7 +29,7 @@ def small_cfg(data_root, *over):
     return load_config(None, [f"data.root={data_root}", "expert.num=4", "expert.width=8", "expert.depth=3",
                               "discriminator.widths=[8,16,16]", "discriminator.hidden=64",
                               "data.mechanisms=[invert,up,noise,left]", "data.transformed_examples=2000",
-                              "train.precision=fp32",
+                              "train.precision=fp32", "train.batch_size=16",
                               *over])
 
 
@@ -46,10 +45,14 @@ def get_proto(cfg, mnist, cache):
     return cache[key]
 
 
-def batches(proto, cfg, t, B=16):
-    f = proto.transformed_x[sample_indices(proto.transformed_x.shape[0], B, cfg.seed, "fake-batch", t)]
-    r = proto.canonical_x[sample_indices(proto.canonical_x.shape[0], B, cfg.seed, "real-batch", t)]
-    return f, r
+def batches(proto, cfg, t):
+    return draw_batch(cfg, proto.transformed_x, proto.canonical_x, t)
+
+
+def competition(cfg):
+    """The trainer's competition of one process holding every expert: (experts, D, D's Adam)."""
+    comp = build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    return comp.experts, comp.disc, comp.disc_opt
 
 
 def reference_from(fast, disc, disc_opt, cfg):
@@ -58,7 +61,7 @@ def reference_from(fast, disc, disc_opt, cfg):
     experts = fast.bank.to_experts()
     opts = [adam_from(e, fast.opt.expert_state(j), cfg) for j, e in enumerate(experts)]
     ref_disc = copy.deepcopy(disc)
-    ref_disc_opt = torch.optim.Adam(ref_disc.parameters(), lr=cfg.train.lr_discriminator)
+    ref_disc_opt = torch.optim.Adam(ref_disc.parameters())  # every setting comes with the state below
     ref_disc_opt.load_state_dict(copy.deepcopy(disc_opt.state_dict()))
     return experts, opts, ref_disc, ref_disc_opt
 
@@ -121,11 +124,9 @@ def test_fast_path_matches_reference_step_by_step(data_root, mnist, proto_cache,
     cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
     proto = get_proto(cfg, mnist, proto_cache)
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
-    fast = LocalExperts(cfg, list(range(4)), dist.device)
+    fast, disc, disc_opt = competition(cfg)
     assert (fast.train_forward is not fast.bank) == bool(compiled)
     copy_expert(fast, plan, dist, 0, 1)
-    disc = make_discriminator(cfg)
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator)
     recorder, ties, losers = StepRecorder(fast, disc, disc_opt), 0, 0
     for t in range(4):
         f, r = batches(proto, cfg, t)
@@ -179,9 +180,7 @@ def test_winners_mode_gradient_differs_from_dense_only_through_batch_statistics(
     f, r = batches(proto, cfg_w, 0)
     res = []
     for cfg in (cfg_w, cfg_d):
-        ex = LocalExperts(cfg, list(range(4)), dist.device)
-        D = make_discriminator(cfg)
-        res.append(competition_step(ex, D, torch.optim.Adam(D.parameters()), f, r, plan, dist))
+        res.append(competition_step(*competition(cfg), f, r, plan, dist))
     assert torch.equal(res[0].winners_B, res[1].winners_B)
     torch.testing.assert_close(res[0].scores_BN, res[1].scores_BN)
 
@@ -195,9 +194,7 @@ def test_losers_stay_bitwise_unchanged(data_root, mnist, proto_cache, mode):
                     f"expert.norm={norm}")
     proto = get_proto(cfg, mnist, proto_cache)
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(4, 1)
-    ex = LocalExperts(cfg, list(range(4)), dist.device)
-    D = make_discriminator(cfg)
-    opt = torch.optim.Adam(D.parameters())
+    ex, D, opt = competition(cfg)
     losers_seen = 0
     for t in range(6):
         f, r = batches(proto, cfg, t)

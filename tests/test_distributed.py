@@ -41,13 +41,12 @@ from invariance_checks import (
     margin,
 )
 
+from icm_dist.competition import build_competition, draw_batch
 from icm_dist.config import load_config
 from icm_dist.dist import Dist, ShardPlan
-from icm_dist.experts import ExpertState, LocalExperts, copy_expert
+from icm_dist.experts import ExpertState, copy_expert
 from icm_dist.identity import identity_init
-from icm_dist.models import make_discriminator
 from icm_dist.protocol import build_protocol
-from icm_dist.rng import sample_indices
 from icm_dist.step import competition_step
 
 N, B, STEPS = 5, 16, 6
@@ -98,11 +97,8 @@ def _run(world, rank, mode, inputs, out, tag=""):
     """One world's six steps on this rank; W = 1 also writes the states that the other worlds start from."""
     cfg = _cfg(inputs["data_root"], mode)
     dist, plan = Dist(rank, world, 0, torch.device("cpu")), ShardPlan(N, world)
-    experts = LocalExperts(cfg, list(plan.block(rank)), dist.device)
-    disc = make_discriminator(cfg)
-    disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=cfg.train.betas,
-                                eps=cfg.train.eps)
-    ddp = dist.wrap_discriminator(disc)
+    comp = build_competition(cfg, dist, plan.block(rank))
+    experts, disc, disc_opt, ddp = comp.experts, comp.disc_module, comp.disc_opt, comp.disc
     if world == 1:
         identity_init(experts, inputs["identity_x"], cfg, dist.device)
         copy_expert(experts, plan, dist, 0, 1)
@@ -172,9 +168,8 @@ def runs(data_root, mnist, tmp_path_factory):
     cfg = _cfg(data_root, "dense")
     proto = build_protocol(cfg, mnist)
     fx, rx = proto.transformed_x, proto.canonical_x
-    torch.save({"data_root": data_root, "identity_x": fx,
-                "fake": [fx[sample_indices(fx.shape[0], B, cfg.seed, "fake-batch", t)] for t in range(STEPS)],
-                "real": [rx[sample_indices(rx.shape[0], B, cfg.seed, "real-batch", t)] for t in range(STEPS)]},
+    drawn = [draw_batch(cfg, fx, rx, t) for t in range(STEPS)]
+    torch.save({"data_root": data_root, "identity_x": fx, "fake": [f for f, _ in drawn], "real": [r for _, r in drawn]},
                os.path.join(out, "inputs.pt"))
     spawn(_worker, max(WORLDS), (out,), TIMEOUT_S)
     runs = {mode: {"teacher": torch.load(os.path.join(out, f"teacher_{mode}.pt")),

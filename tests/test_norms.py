@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from icm_dist import checkpoint as ck
 from icm_dist.commands.reuse import load_module_file
+from icm_dist.competition import build_competition
 from icm_dist.config import load_config, to_dict
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import LocalExperts
@@ -66,14 +67,13 @@ def _one_step(cfg, proto, t: int, states, disc_state, candidates=None, disc_grad
     """Step ``t`` from the given expert and D states (D's optimizer fresh): (result, expert gradients).
     ``candidates``: a routed step's mask; ``disc_grads``, if given, receives D's gradients by name."""
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
-    experts = LocalExperts(cfg, list(range(cfg.expert.num)), dist.device)
+    comp = build_competition(cfg, dist)
+    experts, disc, opt = comp.experts, comp.disc, comp.disc_opt
     for j, st in enumerate(states):
         experts.load_state(j, st)
-    disc = make_discriminator(cfg)
     disc.load_state_dict(disc_state)
     grads: list = []
     _record_grads(experts, grads)
-    opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
     if disc_grads is not None:
         opt.register_step_pre_hook(
             lambda *_: disc_grads.update({n: p.grad.clone() for n, p in disc.named_parameters()}))
@@ -128,8 +128,9 @@ def test_every_norm_checkpoints_reshards_and_loads_standalone(data_root, tmp_pat
         b.opt.step_E += 1  # something other than a fresh optimizer to carry over
         ck.write_experts(tmp, cfg, b, 3)
     final = ck.finish_checkpoint(tmp, 3, cfg, disc, opt, 2, {"stable_evals": 0}, [], keep=3)
-    one = LocalExperts(cfg, [0, 1, 2, 3], torch.device("cpu"))
-    ck.load_into(final, cfg, one, make_discriminator(cfg), torch.optim.Adam(disc.parameters()))
+    comp = build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    one = comp.experts
+    ck.load_into(final, cfg, one, comp.disc_module, comp.disc_opt)
     for j in range(4):
         src = blocks[j // 2].state(j % 2)
         got = one.state(j)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .. import checkpoint as ck
+from ..competition import build_competition
 from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
 from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
@@ -35,7 +36,6 @@ from ..evaluate import run_committee
 from ..experts import LocalExperts
 from ..families import get_family, size_multiple
 from ..identity import identity_init
-from ..models import make_discriminator
 from ..protocol import build_protocol
 from ..rundir import RunDir
 from .args import at_least
@@ -303,13 +303,10 @@ def load_committee(src: Source, device: torch.device | None = None):
     """Every expert of the checkpoint in one bank, D and its optimizer: (experts, disc, d_opt, plan, dist)."""
     device = device or torch.device("cpu")
     cfg = src.cfg
-    C = ck.channels_of(src.manifest)
-    experts = LocalExperts(cfg, list(range(cfg.expert.num)), device, C)
-    disc = make_discriminator(cfg, C).to(device)
-    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.train.lr_discriminator, betas=tuple(cfg.train.betas),
-                             eps=cfg.train.eps)
-    ck.load_into(src.ckpt, cfg, experts, disc, d_opt, verify=False)  # open_source verified every file
-    return experts, disc, d_opt, ShardPlan(cfg.expert.num, 1), Dist(0, 1, 0, device)
+    plan, dist = ShardPlan(cfg.expert.num, 1), Dist(0, 1, 0, device)
+    comp = build_competition(cfg, dist, channels=ck.channels_of(src.manifest))
+    ck.load_into(src.ckpt, cfg, comp.experts, comp.disc_module, comp.disc_opt, verify=False)  # open_source verified it
+    return comp.experts, comp.disc_module, comp.disc_opt, plan, dist
 
 
 @torch.no_grad()
