@@ -24,6 +24,10 @@ the discriminator's gradient can follow; the learned warp then only has to find 
 docs/results.md ("Expert families on rotations and a shrink") shows the choice settling on the
 hypothesis an expert already wins rather than on its mechanism's inverse.
 
+``warp_gain`` multiplies the localization head's output: Adam moves each parameter by about ``lr`` a step
+whatever its gradient, so at gain 1 the angle (radians), the log scale and the translation (half image
+widths) move by about 0.001 a step, and a 30-degree turn takes some 500 steps of one sign.
+
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
 the start, so that the expert starts as the identity without identity training.
 
@@ -47,7 +51,7 @@ def _groups(ch: int) -> int:
 class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
-                 select_gain: float = 10.0, residual: bool = False, expert_id: int = 0):
+                 select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
@@ -62,6 +66,9 @@ class STNExpert(nn.Module):
         # Adam moves a parameter by about lr a step; the gain lets the choice between hypotheses settle
         # within a few hundred steps (a logit gap of several units) instead of thousands.
         self.select_gain = float(select_gain)
+        # The same holds for the warp: at gain 1 a half-degree turn costs ten steps, so the refinement,
+        # whose many weights each move by lr, paints a digit upright long before the warp turns it.
+        self.warp_gain = float(warp_gain)
         self.per_example = select == "example"
         self.spread = select == "spread" and len(rotations) > 1
         self.loc = nn.Sequential(
@@ -92,7 +99,7 @@ class STNExpert(nn.Module):
 
     def theta(self, feat: torch.Tensor) -> torch.Tensor:
         """The warp of each example as ``affine_grid``'s ``[B, 2, 3]`` (the identity at initialization)."""
-        p = self.head(feat).float()
+        p = self.head(feat).float() * self.warp_gain
         if self.warp == "affine":
             eye = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=p.device)
             return (p + eye).view(-1, 2, 3)
