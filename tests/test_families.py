@@ -9,6 +9,7 @@ tests/test_distributed.py (its ``stn`` and ``unet`` variants).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ ROTATIONS = [0, 90, 180, 270]
                                   lambda gid: STNExpert(1, width=8, depth=2, loc_width=4, rotations=ROTATIONS,
                                                     select="example"),
                                   lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS),
+                                  lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, warp_gain=5, own_scale=False),
                                   lambda gid: UNetExpert(1, width=4, levels=2)],
-                         ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "unet"])
+                         ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "stn-own-warp", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
     """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
     one expert's state loads into a fresh module that computes the same."""
@@ -77,6 +79,25 @@ def test_stacked_experts_compute_what_each_module_computes(make):
     alone = StackedExperts(make, seed=3, ids=[5], channels=1, image_size=16)
     for k, v in alone.expert_state(0).items():
         assert torch.equal(v, fast.expert_state(1)[k]), k
+
+
+def test_stn_own_warp_moves_by_its_gain_and_without_own_scale_only_turns_and_translates():
+    """``warp_gain``: the expert's own warp, the same for every example, scaled by the gain on top of the
+    per-example one (zero at the start, so the expert starts at the identity warp); ``own_scale: false``
+    leaves its scale entry out."""
+    feat = torch.zeros(3, 64)  # the head is zero at the start: only the own warp acts
+    e = STNExpert(1, warp_gain=10)
+    assert torch.equal(e.theta(feat), torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(3, 2, 3))
+    with torch.no_grad():
+        e.warp_p.copy_(torch.tensor([math.pi / 20, 0.01, 0.02, -0.03]))
+    s = math.exp(0.1)
+    want = torch.tensor([[s * math.cos(math.pi / 2), -s, 0.2], [s, s * math.cos(math.pi / 2), -0.3]])
+    torch.testing.assert_close(e.theta(feat), want.expand(3, 2, 3))
+    rigid = STNExpert(1, warp_gain=10, own_scale=False)
+    rigid.load_state_dict(e.state_dict())
+    c = math.cos(math.pi / 2)
+    torch.testing.assert_close(rigid.theta(feat), torch.tensor([[c, -1.0, 0.2], [1.0, c, -0.3]]).expand(3, 2, 3))
+    assert not hasattr(STNExpert(1), "warp_p")  # gain 1: no own warp, the expert as before
 
 
 def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_uniform():

@@ -24,9 +24,11 @@ the discriminator's gradient can follow; the learned warp then only has to find 
 docs/results.md ("Expert families on rotations and a shrink") shows the choice settling on the
 hypothesis an expert already wins rather than on its mechanism's inverse.
 
-``warp_gain`` multiplies the localization head's output: Adam moves each parameter by about ``lr`` a step
-whatever its gradient, so at gain 1 the angle (radians), the log scale and the translation (half image
-widths) move by about 0.001 a step, and a 30-degree turn takes some 500 steps of one sign.
+``warp_gain`` (other than 1) gives the expert a warp of its own, the same for every example (a
+mechanism's inverse is one warp), added to the localization network's per-example one and scaled by the
+gain: Adam moves each parameter by about ``lr`` a step whatever its gradient, so at gain 1 the angle
+(radians), the log scale and the translation (half image widths) move by about 0.001 a step, and a
+30-degree turn takes some 500 steps of one sign.
 
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
 the start, so that the expert starts as the identity without identity training.
@@ -51,7 +53,8 @@ def _groups(ch: int) -> int:
 class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
-                 select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, expert_id: int = 0):
+                 select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, own_scale: bool = True,
+                 expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
@@ -69,13 +72,19 @@ class STNExpert(nn.Module):
         # The same holds for the warp: at gain 1 a half-degree turn costs ten steps, so the refinement,
         # whose many weights each move by lr, paints a digit upright long before the warp turns it.
         self.warp_gain = float(warp_gain)
+        n_warp = 4 if warp == "similarity" else 6
+        if self.warp_gain != 1.0:  # the expert's own warp, the same for every example, as a mechanism's inverse is
+            self.warp_p = nn.Parameter(torch.zeros(n_warp))
+        # own_scale false (similarity only): the own warp turns and translates but does not scale, so that the
+        # fast warp cannot zoom out (a smaller digit fools D cheaply); the per-example warp still scales.
+        self.own_mask = [1.0, 0.0, 1.0, 1.0] if warp == "similarity" and not own_scale else None
         self.per_example = select == "example"
         self.spread = select == "spread" and len(rotations) > 1
         self.loc = nn.Sequential(
             nn.Conv2d(channels, loc_width, 3, stride=2, padding=1), nn.ELU(),
             nn.Conv2d(loc_width, 2 * loc_width, 3, stride=2, padding=1), nn.ELU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * loc_width * 16, 64), nn.ELU())
-        self.head = nn.Linear(64, 4 if warp == "similarity" else 6)
+        self.head = nn.Linear(64, n_warp)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         if self.spread:  # a buffer, so that a split's copy takes its donor's base rotation with its weights
@@ -99,7 +108,12 @@ class STNExpert(nn.Module):
 
     def theta(self, feat: torch.Tensor) -> torch.Tensor:
         """The warp of each example as ``affine_grid``'s ``[B, 2, 3]`` (the identity at initialization)."""
-        p = self.head(feat).float() * self.warp_gain
+        p = self.head(feat).float()
+        if self.warp_gain != 1.0:
+            own = self.warp_gain * self.warp_p.float()
+            if self.own_mask is not None:
+                own = own * torch.tensor(self.own_mask, device=own.device)
+            p = p + own
         if self.warp == "affine":
             eye = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=p.device)
             return (p + eye).view(-1, 2, 3)
