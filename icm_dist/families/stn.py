@@ -28,7 +28,9 @@ hypothesis an expert already wins rather than on its mechanism's inverse.
 mechanism's inverse is one warp), added to the localization network's per-example one and scaled by the
 gain: Adam moves each parameter by about ``lr`` a step whatever its gradient, so at gain 1 the angle
 (radians), the log scale and the translation (half image widths) move by about 0.001 a step, and a
-30-degree turn takes some 500 steps of one sign.
+30-degree turn takes some 500 steps of one sign. ``own_scale: false`` (similarity only) keeps the scale out of
+the own warp. Measured in docs/results.md ("A warp of the expert's own"): the fast own warp follows D to
+zoomed-out digits rather than to the inverse of a rotation, so it is off by default.
 
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
 the start, so that the expert starts as the identity without identity training.
