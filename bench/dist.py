@@ -299,8 +299,8 @@ def main(argv=None) -> int:
     cfg = load_config(REPO / "configs" / "paper.yaml", _overrides(args, args.experts))
     proto = build_protocol(cfg)
     T, B = args.warmup + args.steps, args.batch
-    fake, real = (torch.stack(xs) for xs in zip(*(draw_batch(cfg, proto.transformed_x, proto.canonical_x, t)
-                                                   for t in range(T))))
+    drawn = [draw_batch(cfg, proto.transformed_x, proto.canonical_x, t) for t in range(T)]
+    fake, real = torch.stack([f for f, _ in drawn]), torch.stack([r for _, r in drawn])
     tmp = tempfile.mkdtemp(prefix="icm_bench_inputs_")
     inputs_path = os.path.join(tmp, "inputs.safetensors")
     save_file({"fake": fake.contiguous(), "real": real.contiguous(),

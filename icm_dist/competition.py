@@ -24,7 +24,7 @@ class Competition:
     """One rank's share of the competition."""
 
     experts: LocalExperts
-    """This rank's block of experts (``plan.block(rank)``)."""
+    """The experts it was built with: in the trainer, this rank's block (``plan.block(rank)``)."""
     disc_module: nn.Module
     """The discriminator itself: what checkpoints hold and evaluation scores with."""
     disc_opt: torch.optim.Optimizer
