@@ -187,7 +187,7 @@ def test_a_family_trains_resumes_bitwise_and_exports(arch, tmp_path, data_root, 
     assert sorted(p.name for p in a.glob("*.safetensors")) == sorted(p.name for p in b.glob("*.safetensors"))
     assert same_tensors(a, b) == []
     # Export one expert and apply the committee: the standalone module is the family's, rebuilt from metadata.
-    from icm_dist.commands.reuse import load_expert, load_module_file, open_source
+    from icm_dist.commands.reuse import apply, load_expert, load_module_file, open_source
 
     r = run([sys.executable, "-m", "icm_dist.commands.cli", "export", str(tmp_path / "whole"), "--expert", "1",
              "--out", str(tmp_path / "e1.safetensors")], cwd=REPO, timeout=120)
@@ -197,6 +197,10 @@ def test_a_family_trains_resumes_bitwise_and_exports(arch, tmp_path, data_root, 
     x = mnist.test_x[:3]
     with torch.no_grad():
         torch.testing.assert_close(module(x), load_expert(open_source(tmp_path / "whole"), 1)(x))
+        # The exported file applied on its own (a chain of one), as `icm-dist apply e1.safetensors x` does.
+        save_file({"images": x.contiguous()}, str(tmp_path / "x.safetensors"))
+        res = apply(tmp_path / "e1.safetensors", tmp_path / "x.safetensors", tmp_path / "y.safetensors")
+        torch.testing.assert_close(res["restored"], module(x))
     # Surgery: drop expert 0, add a fresh (identity-initialized) one; the kept experts move bitwise.
     r = run([sys.executable, "-m", "icm_dist.commands.cli", "surgery", str(tmp_path / "whole"), "--remove", "0",
              "--add", "1", "--out", str(tmp_path / "cut2")], cwd=REPO, timeout=180)
@@ -205,6 +209,11 @@ def test_a_family_trains_resumes_bitwise_and_exports(arch, tmp_path, data_root, 
     assert after.manifest["num_experts"] == 3
     for k, v in load_expert(before, 1).state_dict().items():
         assert torch.equal(v, load_expert(after, 0).state_dict()[k]), k
+    # The unseen-symbols check runs the family's experts on symbols of another size (46: padded for them).
+    from icm_dist.commands.generalize import generalize
+
+    res = generalize(tmp_path / "whole", n=4, source="fonts", chain=["up", "invert", "noise"], log=lambda *a: None)
+    assert res["symbols"]["size"] == 46 and len(res["generalization"]["mse"]) == len(whole["mechanisms"])
 
 
 def test_a_user_factory_trains_under_torchrun_and_reshards(tmp_path, data_root, mnist):

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from ..checkpoint import channels_of  # noqa: E402
 from ..data.library import resolve_mechanism, resolve_mechanisms  # noqa: E402
 from ..data.mechanisms import SHIFT_PIXELS, Mechanism  # noqa: E402
 from ..data.symbols import load_symbols  # noqa: E402
@@ -212,8 +213,8 @@ def expert_fn(expert: torch.nn.Module) -> Fn:
 
 
 def load_run(run_dir: str | Path):
-    """(source, experts): the run's final checkpoint with its config and summary, and every expert as a
-    plain ``Expert`` in eval mode."""
+    """(source, experts): the run's final checkpoint with its config and summary, and every expert as its
+    family's standalone module in eval mode."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise CheckpointError(f"run directory '{run}' does not exist")
@@ -308,7 +309,7 @@ def generalize(run_dir: str | Path, n: int = 200, out: str | Path | None = None,
         claim_file(out, _json_is_ours, force)
     run = RunDir(run_dir)
     src, modules = load_run(run.path)
-    if any(e.channels != 1 for e in modules):
+    if channels_of(src.manifest) != 1:
         raise ConfigError(f"run '{run}' was trained on colour images; the symbols of Figures 7 and 8 are grey")
     table = {r.label: r.fn for r in resolve_mechanisms(src.cfg.data.mechanisms)}
     for name in chain:

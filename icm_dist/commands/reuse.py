@@ -115,7 +115,7 @@ def _build_expert(ecfg: ExpertConfig, model: dict, where: str, channels: int) ->
 
 
 def load_expert(src: Source, gid: int) -> nn.Module:
-    """Global expert ``gid`` of a checkpoint as a plain ``Expert`` module in eval mode."""
+    """Global expert ``gid`` of a checkpoint as its family's standalone module in eval mode."""
     if not 0 <= gid < src.manifest["num_experts"]:
         raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
     path = src.ckpt / ck.expert_filename(gid)
@@ -124,16 +124,21 @@ def load_expert(src: Source, gid: int) -> nn.Module:
 
 
 def load_module_file(path: str | Path) -> tuple[nn.Module, dict]:
-    """An exported expert file (or a checkpoint's expert file) as an ``Expert`` in eval mode, with its metadata."""
+    """An exported expert file (or a checkpoint's expert file) as its family's module in eval mode, with its
+    metadata."""
     path = Path(path)
     tensors, meta = ck.read_tensors(path)
     model = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()
              if not k.startswith("optim.")}
+    return _build_expert(_expert_cfg(meta, str(path)), model, str(path), _channels(meta, path)), meta
+
+
+def _channels(meta: dict, path: Path) -> int:
+    """The image channels an expert file's module maps (files from before colour data: MNIST's one)."""
     try:
-        channels = int(meta.get("channels", 1))  # files from before colour data: MNIST's one channel
+        return int(meta.get("channels", 1))
     except ValueError:
         raise CheckpointError(f"{path}: metadata 'channels' = {meta.get('channels')!r} is not a number") from None
-    return _build_expert(_expert_cfg(meta, str(path)), model, str(path), channels), meta
 
 
 def expert_for(src: Source, name_or_id: str) -> int:
@@ -335,14 +340,16 @@ def apply_chain(chain: list[nn.Module], x: torch.Tensor, batch: int = 500) -> to
     return x
 
 
-def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[nn.Module], list[str]]:
-    """Experts named by id, by captured mechanism (needs a run) or by exported file path."""
+def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[nn.Module], list[str], list[int]]:
+    """Experts named by id, by captured mechanism (needs a run) or by exported file path, with a label and
+    the image channels of each."""
     src = None
-    chain, labels = [], []
+    chain, labels, channels = [], [], []
     for it in items:
         if it.endswith(".safetensors") and Path(it).is_file():
             e, meta = load_module_file(it)
             chain.append(e)
+            channels.append(_channels(meta, Path(it)))
             try:
                 mech = json.loads(meta.get("mechanism", "null"))
             except json.JSONDecodeError:
@@ -353,8 +360,9 @@ def resolve_chain(source: str | Path, items: list[str]) -> tuple[list[nn.Module]
             src = open_source(source)
         gid = expert_for(src, it)
         chain.append(load_expert(src, gid))
+        channels.append(ck.channels_of(src.manifest))
         labels.append(f"expert {gid}" + (f" ({it})" if not it.lstrip("e").isdigit() else ""))
-    return chain, labels
+    return chain, labels, channels
 
 
 def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[str] | None = None,
@@ -363,11 +371,11 @@ def apply(source: str | Path, inputs: str | Path, out: str | Path, chain: list[s
     if chain is None and Path(source).is_file():
         chain = [str(source)]  # an exported expert on its own: apply it
     if chain:
-        experts, labels = resolve_chain(source, chain)
-        if len({e.channels for e in experts}) > 1:
-            raise CheckpointError(f"the chain mixes experts of {sorted({e.channels for e in experts})} channels: "
+        experts, labels, channels = resolve_chain(source, chain)
+        if len(set(channels)) > 1:
+            raise CheckpointError(f"the chain mixes experts of {sorted(set(channels))} channels: "
                                   "they cannot be composed")
-        x, names = read_inputs(inputs, key, experts[0].channels)
+        x, names = read_inputs(inputs, key, channels[0])
         y = apply_chain(experts, x)
         info = {"mode": "chain", "chain": labels}
         extra = {}
