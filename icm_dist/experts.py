@@ -117,8 +117,9 @@ class LocalExperts:
         self.cfg, self.channels = cfg, channels
         self.ids = list(ids)
         self.family = get_family(cfg.expert)
-        self.couples_batch = self.family.couples_batch(cfg.expert)
+        # The block first: it checks the family's expert on a probe batch (one line for a bad arch_args).
         self.bank = self.family.block(cfg.expert, cfg.seed, self.ids, channels, cfg.data.image_size).to(device)
+        self.couples_batch = self.family.couples_batch(cfg.expert)
         if cfg.train.channels_last and self.bank.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()

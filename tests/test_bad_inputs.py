@@ -148,6 +148,9 @@ CASES = [
     Case("a shift that leaves nothing", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
                                          "data.mechanisms=[invert, {{name: shift, dx: 100}}]"],
          "mechanism 'shift(dx=100)' on a probe batch (8, 1, 32, 32) leaves nothing of 8 of 8 images", ["{tmp}/new"]),
+    Case("an expert family's arguments that do not fit", [*TRAIN, "run.out_dir={tmp}/new", "data.root={data}", *SHORT,
+                                                          "expert.arch=stn", "expert.arch_args={{own_scale: false}}"],
+         "expert.arch 'stn' raised ValueError when built: own_scale: false", ["{tmp}/new"]),
     # The launcher: a refusal every rank makes is printed once, without torchrun's report (item 7).
     Case("torchrun with more ranks than experts", [*TORCHRUN, "3", "--config", "configs/tiny.yaml", "expert.num=2",
                                                    "run.out_dir={tmp}/new", "data.root={data}"],

@@ -125,6 +125,9 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
     assert block.expert_tensors()["base"].shape == (4, 2)
     with pytest.raises(ValueError, match="select must be"):
         STNExpert(1, rotations=ROTATIONS, select="batch")
+    for bad in ({}, {"warp_gain": 10, "warp": "affine"}):  # no own warp, or one without a scale entry to mask
+        with pytest.raises(ValueError, match="own_scale: false"):
+            STNExpert(1, own_scale=False, **bad)
     assert ModuleFamily("stn", STNExpert)._factory(ExpertConfig(arch_args={"rotations": [0, 90], "select": "spread"}),
                                                    1)(3).base.tolist() == [0.0, 1.0]
 

@@ -64,6 +64,9 @@ class STNExpert(nn.Module):
             raise ValueError(f"select must be example, expert or spread, not {select!r}")
         if not rotations:
             raise ValueError("rotations must hold at least one angle (degrees), e.g. [0] or [0, 90, 180, 270]")
+        if not own_scale and not (warp == "similarity" and float(warp_gain) != 1.0):
+            raise ValueError("own_scale: false keeps the scale out of the expert's own warp, which only a similarity "
+                             f"warp with a warp_gain other than 1 has (here warp {warp!r}, warp_gain {warp_gain})")
         self.warp = warp
         # cos and sin of each base rotation, rounded so that quarter turns sample pixel centres exactly
         self.rotations = [(round(math.cos(math.radians(a)), 12), round(math.sin(math.radians(a)), 12))
