@@ -26,9 +26,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
     export OMP_NUM_THREADS=1; T_STEP=400 T_ROUTED=400 T_TRAIN=400
     STEP="--experts 2 --steps 1 --no-memory"
     ROUTED="--experts 4 --k 2 --steps 1 --largest --max-experts 4 --set train.compile=false train.batch_size=16"
-    TRAIN="expert.num=5 train.batch_size=16 identity_init.max_steps=2 eval.final_examples=100 train.compile=false"
+    TRAIN="expert.num=5 train.batch_size=16 identity_init.max_steps=2 eval.final_examples=100 eval.classifier_epochs=1
+        train.compile=false"
     ITERS=(3 3 3); SUITE="expert.num=5 train.batch_size=16 identity_init.max_steps=2 train.iterations=2
-        eval.every=0 eval.final_examples=100 train.compile=false train.route_warmup=1 train.stop_when_stable=null"
+        eval.every=0 eval.final_examples=100 eval.classifier_epochs=1 train.compile=false train.route_warmup=1
+        train.stop_when_stable=null"
 else
     STEP="--experts 10 --steps 10"; ROUTED="--steps 10 --largest"; TRAIN=""; ITERS=(300 200 200)
     SUITE="train.iterations=100 eval.every=0 train.stop_when_stable=null"
