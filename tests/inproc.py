@@ -1,4 +1,4 @@
-"""Helpers for tests that train in this process and compare what the runs saved."""
+"""Helpers for tests that train or build a competition in this process and compare what the runs saved."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from icm_dist.config import load_config
+from icm_dist.competition import Competition, build_competition
+from icm_dist.config import Config, load_config
+from icm_dist.dist import Dist
 
 
 def train_here(config: str | Path, overrides: list[str]):
@@ -20,6 +22,12 @@ def train_here(config: str | Path, overrides: list[str]):
         return train(load_config(str(config), overrides))
     finally:
         torch.set_num_threads(threads)
+
+
+def one_process_competition(cfg: Config, ids: list[int] | None = None) -> Competition:
+    """The experts ``ids`` (default: all), D and D's Adam as a rank of the trainer builds them, one process on
+    the CPU."""
+    return build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")), ids)
 
 
 def _bits(t: torch.Tensor) -> bytes:

@@ -21,15 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from inproc import same_tensors, train_here
+from inproc import one_process_competition, same_tensors, train_here
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from icm_dist import checkpoint as ck
 from icm_dist.commands import reuse
-from icm_dist.competition import build_competition
 from icm_dist.config import load_config
-from icm_dist.dist import Dist, ShardPlan
+from icm_dist.dist import ShardPlan
 from icm_dist.errors import CheckpointError, OutputError
 from icm_dist.experts import LocalExperts
 from icm_dist.models import make_discriminator
@@ -162,11 +161,6 @@ def _fill(experts: LocalExperts, step_base: float = 1.0) -> None:
         experts.opt.load_expert_state(j, optim)
 
 
-def _competition(cfg, ids):
-    """The experts ``ids``, D and D's Adam as a rank of the trainer builds them, on the CPU."""
-    return build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")), ids)
-
-
 def _disc_with_state(cfg):
     disc = make_discriminator(cfg)
     opt = torch.optim.Adam(disc.parameters(), lr=1e-3)
@@ -195,7 +189,7 @@ def test_reshard_loads_exact_state(tmp_path, cfg, w_from, w_to):
 
     dst = ShardPlan(4, w_to)
     for r in range(w_to):
-        comp = _competition(cfg, dst.block(r))
+        comp = one_process_competition(cfg, dst.block(r))
         ex = comp.experts
         ck.load_into(final, cfg, ex, comp.disc_module, comp.disc_opt)
         for j, gid in enumerate(ex.ids):
@@ -266,7 +260,7 @@ def test_missing_expert_file(broken, cfg):
     msg = _one_line_error(ck.verify_checkpoint, c)
     assert "'expert_002.safetensors' is missing" in msg
     # The rank that owns expert 2 verifies exactly that file when it loads.
-    comp = _competition(cfg, [2])
+    comp = one_process_competition(cfg, [2])
     msg = _one_line_error(ck.load_into, c, cfg, comp.experts, comp.disc_module, comp.disc_opt)
     assert "expert_002.safetensors" in msg
 
@@ -290,7 +284,7 @@ def test_shapes_do_not_fit(broken, cfg):
     m = json.loads((c / "manifest.json").read_text())
     m["files"]["expert_000.safetensors"] = {"sha256": ck.sha256_file(p), "bytes": p.stat().st_size}
     (c / "manifest.json").write_text(json.dumps(m))
-    comp = _competition(cfg, [0, 1, 2])
+    comp = one_process_competition(cfg, [0, 1, 2])
     msg = _one_line_error(ck.load_into, c, cfg, comp.experts, comp.disc_module, comp.disc_opt)
     assert "expert_000.safetensors" in msg and "out.weight" in msg and "(1, 4, 3, 3)" in msg and "(1, 8, 3, 3)" in msg
 
@@ -372,7 +366,7 @@ def _as_before_save(run_a: Path, dst: Path, iteration: int) -> Path:
 def _held_state(ckpt: Path, cfg, ids=(0, 1, 2)):
     """What the ranks held when they saved ``ckpt``: experts ``ids``, D, D's Adam, and the manifest (trainer
     state, metrics)."""
-    comp = _competition(cfg, ids)
+    comp = one_process_competition(cfg, ids)
     manifest = ck.load_into(ckpt, cfg, comp.experts, comp.disc_module, comp.disc_opt)
     return comp.experts, comp.disc_module, comp.disc_opt, manifest
 
@@ -574,7 +568,7 @@ def test_malicious_checkpoint_file_with_a_wrong_sha256_is_refused_before_it_is_r
     for tampered in (bytes(readable), _bait(marker, size)):
         target.write_bytes(tampered)
         assert target.stat().st_size == size
-        comp = _competition(cfg, [1])
+        comp = one_process_competition(cfg, [1])
         ex = comp.experts
         before = {k: v.clone() for k, v in ex.state(0).flat().items()}
         msg = _one_line_error(ck.load_into, c, cfg, ex, comp.disc_module, comp.disc_opt)

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from inproc import one_process_competition
 from invariance_checks import (
     StepRecorder,
     assert_batch_sum_close,
@@ -14,7 +15,7 @@ from invariance_checks import (
     lowest_id_among_maxima,
 )
 
-from icm_dist.competition import build_competition, draw_batch
+from icm_dist.competition import draw_batch
 from icm_dist.config import load_config
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import ExpertState, LocalExperts, copy_expert
@@ -51,7 +52,7 @@ def batches(proto, cfg, t):
 
 def competition(cfg):
     """The trainer's competition of one process holding every expert: (experts, D, D's Adam)."""
-    comp = build_competition(cfg, Dist(0, 1, 0, torch.device("cpu")))
+    comp = one_process_competition(cfg)
     return comp.experts, comp.disc, comp.disc_opt
 
 
