@@ -55,8 +55,11 @@ ROTATIONS = [0, 90, 180, 270]
                                                     select="example"),
                                   lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, rotations=ROTATIONS),
                                   lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, warp_gain=5, own_scale=False),
+                                  lambda gid: STNExpert(1, loc_width=4, rotations=ROTATIONS, select="spread",
+                                                        refine=False, expert_id=gid),
                                   lambda gid: UNetExpert(1, width=4, levels=2)],
-                         ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "stn-own-warp", "unet"])
+                         ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "stn-own-warp",
+                              "stn-warp-only-spread", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
     """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
     one expert's state loads into a fresh module that computes the same."""
@@ -128,6 +131,12 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
     for bad in ({}, {"warp_gain": 10, "warp": "affine"}):  # no own warp, or one without a scale entry to mask
         with pytest.raises(ValueError, match="own_scale: false"):
             STNExpert(1, own_scale=False, **bad)
+    with pytest.raises(ValueError, match="needs refine: true"):
+        STNExpert(1, residual=True, refine=False)
+    # Without a refinement an expert only moves pixels: at the start, its base rotation of the input exactly.
+    warp_only = STNExpert(1, loc_width=4, rotations=[0, 180], select="spread", refine=False, expert_id=1)
+    assert not any(n.startswith("refine") for n, _ in warp_only.named_parameters())
+    torch.testing.assert_close(warp_only(x), torch.rot90(x, 2, (-2, -1)), atol=1e-5, rtol=0)
     assert ModuleFamily("stn", STNExpert)._factory(ExpertConfig(arch_args={"rotations": [0, 90], "select": "spread"}),
                                                    1)(3).base.tolist() == [0.0, 1.0]
 

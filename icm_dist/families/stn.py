@@ -33,7 +33,9 @@ the own warp. Measured in docs/results.md ("A warp of the expert's own"): the fa
 zoomed-out digits rather than to the inverse of a rotation, so it is off by default.
 
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
-the start, so that the expert starts as the identity without identity training.
+the start, so that the expert starts as the identity without identity training. ``refine: false`` drops
+the refinement: the expert only moves pixels (its output is the warped input), so it cannot paint a digit
+that D likes from one it cannot undo, and cannot invert a colour, noise or a blur either.
 
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
@@ -56,7 +58,7 @@ class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
                  select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, own_scale: bool = True,
-                 expert_id: int = 0):
+                 refine: bool = True, expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
@@ -67,6 +69,8 @@ class STNExpert(nn.Module):
         if not own_scale and not (warp == "similarity" and float(warp_gain) != 1.0):
             raise ValueError("own_scale: false keeps the scale out of the expert's own warp, which only a similarity "
                              f"warp with a warp_gain other than 1 has (here warp {warp!r}, warp_gain {warp_gain})")
+        if residual and not refine:
+            raise ValueError("residual: true adds the refinement's correction, so it needs refine: true")
         self.warp = warp
         # cos and sin of each base rotation, rounded so that quarter turns sample pixel centres exactly
         self.rotations = [(round(math.cos(math.radians(a)), 12), round(math.sin(math.radians(a)), 12))
@@ -105,7 +109,7 @@ class STNExpert(nn.Module):
         for _ in range(depth):
             layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.GroupNorm(_groups(width), width), nn.ELU()]
             cin = width
-        self.refine = nn.Sequential(*layers, nn.Conv2d(cin, channels, 3, padding=1))
+        self.refine = nn.Sequential(*layers, nn.Conv2d(cin, channels, 3, padding=1)) if refine else None
         self.residual = residual
         if residual:  # the refinement adds a correction that starts at zero: the expert starts as the identity
             nn.init.zeros_(self.refine[-1].weight)
@@ -153,6 +157,8 @@ class STNExpert(nn.Module):
             w = w[:, :, None, None, None] if self.per_example else w[None, :, None, None, None]
             warped = sum(w[:, k] * self._sample(x, grid, c, s) for k, (c, s) in enumerate(self.rotations))
         warped = warped.to(x_BCHW.dtype)
+        if self.refine is None:  # bilinear samples of [0, 1] inputs with zero padding: already in [0, 1]
+            return warped.clamp(0, 1)
         if self.residual:
             return (warped + self.refine(warped)).clamp(0, 1)
         return torch.sigmoid(self.refine(warped))
