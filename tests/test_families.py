@@ -131,6 +131,22 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
     for bad in ({}, {"warp_gain": 10, "warp": "affine"}):  # no own warp, or one without a scale entry to mask
         with pytest.raises(ValueError, match="own_scale: false"):
             STNExpert(1, own_scale=False, **bad)
+    with pytest.raises(ValueError, match="must be 1 or 3"):
+        STNExpert(1, kernel=5)
+    # A 1x1 refinement moves nothing: a pixel's output changes with its own input and the image's statistics,
+    # so a change at one pixel is seen elsewhere only through GroupNorm's mean and variance (equal for a swap).
+    pointwise = STNExpert(1, width=8, depth=2, loc_width=4, kernel=1, residual=True, refine=True)
+    torch.nn.init.normal_(pointwise.refine[-1].weight)  # residual starts at zero: give the map something to do
+    img = x[:1].clone()
+    swapped = img.clone()
+    swapped[..., 3, 5], swapped[..., 9, 11] = img[..., 9, 11], img[..., 3, 5]
+    with torch.no_grad():
+        a, b = pointwise.refine(img), pointwise.refine(swapped)
+    torch.testing.assert_close(a[..., 3, 5], b[..., 9, 11])
+    torch.testing.assert_close(a[..., 9, 11], b[..., 3, 5])
+    keep = torch.ones_like(img, dtype=torch.bool)
+    keep[..., 3, 5] = keep[..., 9, 11] = False
+    torch.testing.assert_close(a[keep], b[keep])
     with pytest.raises(ValueError, match="needs refine: true"):
         STNExpert(1, residual=True, refine=False)
     # Without a refinement an expert only moves pixels: at the start, its base rotation of the input exactly.

@@ -35,7 +35,10 @@ zoomed-out digits rather than to the inverse of a rotation, so it is off by defa
 ``residual: true`` makes the refinement a correction added to the warped image, its last layer zero at
 the start, so that the expert starts as the identity without identity training. ``refine: false`` drops
 the refinement: the expert only moves pixels (its output is the warped input), so it cannot paint a digit
-that D likes from one it cannot undo, and cannot invert a colour, noise or a blur either.
+that D likes from one it cannot undo, and cannot invert a colour, noise or a blur either. ``kernel: 1``
+keeps a refinement that cannot paint either: 1x1 convolutions map each pixel's value (GroupNorm adds
+the image's statistics) to a new one, an inversion or a threshold, and move nothing; so the warp carries
+the geometry and the refinement the intensities.
 
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
@@ -58,7 +61,7 @@ class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
                  select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, own_scale: bool = True,
-                 refine: bool = True, expert_id: int = 0):
+                 refine: bool = True, kernel: int = 3, expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
@@ -69,6 +72,8 @@ class STNExpert(nn.Module):
         if not own_scale and not (warp == "similarity" and float(warp_gain) != 1.0):
             raise ValueError("own_scale: false keeps the scale out of the expert's own warp, which only a similarity "
                              f"warp with a warp_gain other than 1 has (here warp {warp!r}, warp_gain {warp_gain})")
+        if kernel not in (1, 3):
+            raise ValueError(f"kernel (the refinement's convolutions) must be 1 or 3, not {kernel!r}")
         if residual and not refine:
             raise ValueError("residual: true adds the refinement's correction, so it needs refine: true")
         self.warp = warp
@@ -106,10 +111,12 @@ class STNExpert(nn.Module):
             self.choose = nn.Parameter(torch.zeros(len(rotations)))
         layers: list[nn.Module] = []
         cin = channels
+        pad = kernel // 2
         for _ in range(depth):
-            layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.GroupNorm(_groups(width), width), nn.ELU()]
+            layers += [nn.Conv2d(cin, width, kernel, padding=pad, bias=False), nn.GroupNorm(_groups(width), width),
+                       nn.ELU()]
             cin = width
-        self.refine = nn.Sequential(*layers, nn.Conv2d(cin, channels, 3, padding=1)) if refine else None
+        self.refine = nn.Sequential(*layers, nn.Conv2d(cin, channels, kernel, padding=pad)) if refine else None
         self.residual = residual
         if residual:  # the refinement adds a correction that starts at zero: the expert starts as the identity
             nn.init.zeros_(self.refine[-1].weight)
