@@ -193,6 +193,10 @@ class TrainConfig:
     holds more than one mechanism: it is split into the idlest expert even when no more than
     ``expert.num - M`` experts are idle (those are expected spares, whose scraps would hide it). None: only
     idle experts beyond the spares lead to splits."""
+    split_keeps_niches: bool = True
+    """Never copy over the last expert of a niche: what a family fixes an expert to, which training cannot
+    change and a split's copy takes from its donor (a spread ``stn``'s base rotation). Families without
+    niches (``conv``, ``unet``) split as before."""
     route_k: Optional[int] = None
     """Beyond the paper: a routed competition. None (the paper): every expert transforms and D scores every
     example, N' expert passes per example. k: a small router on rank 0 proposes k candidate experts per

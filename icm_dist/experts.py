@@ -161,6 +161,10 @@ class LocalExperts:
         """The block's output as ``[B, E, C, H, W]``."""
         return self.bank.outputs(y)
 
+    def niches(self) -> list | None:
+        """What each local expert is fixed to (the family's ``niches``), or None."""
+        return self.bank.niches()
+
     # -- one expert's state ----------------------------------------------------------------
     def state(self, j: int) -> ExpertState:
         """Local expert ``j``'s weights, BatchNorm buffers and Adam state (copies)."""

@@ -7,6 +7,8 @@ group, no module state: tests call these directly.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 
@@ -50,7 +52,7 @@ def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tenso
 
 
 def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float,
-                spare: int = 0, merged: float | None = None) -> list[tuple[int, int]]:
+                spare: int = 0, merged: float | None = None, niches: list | None = None) -> list[tuple[int, int]]:
     """Which experts to split into which, from the examples each won since the last check.
 
     Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
@@ -66,6 +68,10 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     more than one mechanism reaches. Every donor at or above it is split even when no more than ``spare``
     experts are idle: the spares' scraps (experts that lead nothing still win a little) then do not hide
     a merge.
+
+    ``niches``: what each expert is fixed to (its family's ``niches``; None: nothing). An idle expert that
+    is the last of its niche is passed over (a copy would take its donor's niche, and nothing brings the
+    lost one back), and the next idle one goes with that donor instead.
     """
     wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
     N, total = len(wins), sum(wins)
@@ -77,7 +83,18 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     allowed = len(idle) - spare
     if merged is not None:
         allowed = max(allowed, sum(wins[e] >= merged * total for e in donors))
-    return list(zip(donors, idle))[:max(0, allowed)]
+    if niches is None:
+        return list(zip(donors, idle))[:max(0, allowed)]
+    left, pairs = Counter(niches), []
+    for donor in donors:
+        copy = next((e for e in idle if left[niches[e]] > 1), None)
+        if len(pairs) >= allowed or copy is None:
+            break
+        idle.remove(copy)
+        left[niches[copy]] -= 1
+        left[niches[donor]] += 1
+        pairs.append((donor, copy))
+    return pairs
 
 
 def divide_wins(winners_B: torch.Tensor, scores_BN: torch.Tensor, donor: int, copy: int) -> torch.Tensor:

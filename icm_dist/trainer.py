@@ -350,8 +350,11 @@ class Trainer:
             return
         wins, total = split.wins, max(sum(split.wins), 1)
         merged = None if cfg.train.split_merged_share is None else cfg.train.split_merged_share / len(self.names)
+        niches = self.experts.niches() if cfg.train.split_keeps_niches else None
+        if niches is not None:  # every rank's, in global id order (the blocks are consecutive)
+            niches = [n for block in self.dist.all_gather_object(niches) for n in block]
         for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share, self.spare,
-                                       merged):
+                                       merged, niches):
             copy_expert(self.experts, self.plan, self.dist, donor, idle)
             split.active.append(Division(donor, idle, it + cfg.train.split_steps))
             split.log.append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,

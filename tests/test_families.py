@@ -126,6 +126,9 @@ def test_stn_base_rotations_are_exact_quarter_turns_and_the_mixture_starts_unifo
     for j, turns in enumerate((0, 2, 3, 2)):  # ids 0, 1, 2, 4: bases 0, 180, 270, 180
         torch.testing.assert_close(y[:, j], torch.rot90(x, turns, (-2, -1)), atol=1e-5, rtol=0)
     assert block.expert_tensors()["base"].shape == (4, 2)
+    # The bases are the block's niches (what the splits keep one expert of): ids 0, 1, 2, 4.
+    assert block.niches() == [(1.0, 0.0), (-1.0, 0.0), (0.0, -1.0), (-1.0, 0.0)]
+    assert StackedExperts(lambda gid: STNExpert(1, width=4, depth=1, loc_width=4), 0, [0, 1], 1, 16).niches() is None
     with pytest.raises(ValueError, match="select must be"):
         STNExpert(1, rotations=ROTATIONS, select="batch")
     for bad in ({}, {"warp_gain": 10, "warp": "affine"}):  # no own warp, or one without a scale entry to mask

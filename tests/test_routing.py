@@ -84,6 +84,21 @@ def test_plan_splits_pairs_the_idlest_with_the_busiest():
     assert plan_splits(wins, 0.25, 1.5, spare=5, merged=0.35) == []
 
 
+def test_plan_splits_never_copy_over_the_last_expert_of_a_niche():
+    # The same wins; niches as a spread stn's bases. e1 (idlest) is the only expert at 90: passed over, so e0
+    # goes with e9 and e3 with e4. Without niches the pairs are those of the test above.
+    wins = [30, 0, 12, 20, 1, 10, 10, 9, 8, 0]
+    bases = [0, 90, 0, 0, 180, 0, 180, 0, 0, 270]
+    assert plan_splits(wins, 0.25, 1.5, niches=[0] * 10) == [(0, 1), (3, 9)]
+    # e9 is the last at 270 as well: e0 takes e4 (180 has e6 too), and e3 finds no idle expert left to take.
+    assert plan_splits(wins, 0.25, 1.5, niches=bases) == [(0, 4)]
+    # Within one check a niche's count follows the copies: e2 and e3 share 180, but once e3 (the idlest) is
+    # copied over, e2 is the last at 180 and stays.
+    wins = [30, 20, 1, 0, 12, 12, 12, 13]
+    assert plan_splits(wins, 0.25, 1.5) == [(0, 3), (1, 2)]
+    assert plan_splits(wins, 0.25, 1.5, niches=[0, 0, 180, 180, 0, 0, 0, 0]) == [(0, 3)]
+
+
 def _divide_reference(winners: list[int], scores: list[list[float]], donor: int, copy: int) -> list[int]:
     pool = sorted((i for i, w in enumerate(winners) if w in (donor, copy)), key=lambda i: (scores[i][donor], i))
     out = list(winners)

@@ -25,6 +25,9 @@ A **block** is an ``nn.Module`` over a rank's ``num`` experts:
 * ``expert_params()``: ``(name, parameter)`` pairs, the names in the standalone expert's layout;
   ``expert_tensors()``: every parameter and buffer by that name, viewed as ``[E, *expert_shape]``;
   ``expert_state(j)`` / ``load_expert_state(j, state)``; ``to_experts()``.
+* ``niches()``: what each expert is fixed to that training never changes (a spread ``stn``'s base
+  rotation), one hashable per local expert, or None for a family without such a thing. The splits never
+  copy over the last expert of a niche (``train.split_keeps_niches``): it could not come back.
 
 The one layout rule the masked Adam and the loser's buffer restore rely on: every parameter and buffer
 of a block has a leading dimension that splits as ``[E, ...]``, expert ``j`` owning slice ``j``.
@@ -166,6 +169,13 @@ class StackedExperts(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 views[k][j].copy_(v)
+
+    def niches(self) -> list[tuple] | None:
+        """The buffer the module names in ``niche_buffer`` (if it names one), per expert, as a tuple."""
+        name = getattr(self._skeleton[0], "niche_buffer", None)
+        if name is None:
+            return None
+        return [tuple(v.flatten().tolist()) for v in self._tensors()[1][name]]
 
     def to_experts(self) -> list[nn.Module]:
         device = next(self.parameters()).device

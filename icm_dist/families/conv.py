@@ -265,6 +265,10 @@ class ExpertBank(nn.Module):
         """Every parameter and buffer viewed as ``[E, *expert_shape]`` (views: writes go to the bank)."""
         return {k: self._expert_view(k, v) for k, v in self.state_dict(keep_vars=True).items()}
 
+    def niches(self) -> None:
+        """Nothing about a conv expert is fixed: every one can become a copy of any other."""
+        return None
+
     def expert_state(self, j: int) -> dict[str, torch.Tensor]:
         """State dict of local expert ``j`` in ``Expert``'s layout (copies)."""
         return {k: v[j].detach().clone() for k, v in self.expert_tensors().items()}

@@ -14,7 +14,8 @@ per hypothesis as a parameter of the expert (``select: expert``), so that an exp
 rotation as a mechanism does; ``select: example`` predicts them from each example instead.
 ``select: spread`` learns no choice: expert ``i`` of the committee applies ``rotations[i % K]`` after
 its learned warp, a fixed buffer, so that the committee starts with experts at every base rotation and
-the competition (and the splits, which copy a donor's base with its weights) decides which are kept;
+the competition (and the splits, which copy a donor's base with its weights but never over the last
+expert at a base: ``train.split_keeps_niches``) decides which are kept;
 pair it with ``residual: true`` and ``identity_init.enabled=false``, since an expert turned by its base
 cannot learn the identity. The
 mixture is linear in the weights, so the path from "upright" to "upside down" is a straight blend that
@@ -109,6 +110,8 @@ class STNExpert(nn.Module):
             nn.init.zeros_(self.choose.bias)
         elif len(rotations) > 1:
             self.choose = nn.Parameter(torch.zeros(len(rotations)))
+        # The splits keep at least one expert at every base (StackedExperts.niches).
+        self.niche_buffer = "base" if self.spread else None
         layers: list[nn.Module] = []
         cin = channels
         pad = kernel // 2
