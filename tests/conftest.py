@@ -2,12 +2,20 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Each test chooses its wandb mode in its config (tracking.wandb.mode); WANDB_MODE from the shell would
 # override that choice (it takes precedence, as for users), turning wandb on where a test disabled it.
 os.environ.pop("WANDB_MODE", None)
+
+# Under xdist each worker shares the machine's cores with the others: torch's default (a thread per core
+# in every worker, and in every process a test starts) oversubscribes them, and OpenMP threads that wait
+# for a core cost more than they compute. One thread per process, unless the shell chose a number.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

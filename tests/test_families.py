@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from icm_dist.config import ExpertConfig
 from icm_dist.errors import ConfigError
+from icm_dist.experts import MaskedAdam
 from icm_dist.families import ModuleFamily, StackedExperts, check_expert, get_family
 from icm_dist.families.stn import STNExpert
 from icm_dist.families.unet import UNetExpert
@@ -57,9 +58,12 @@ ROTATIONS = [0, 90, 180, 270]
                                   lambda gid: STNExpert(1, width=8, depth=1, loc_width=4, warp_gain=5, own_scale=False),
                                   lambda gid: STNExpert(1, loc_width=4, rotations=ROTATIONS, select="spread",
                                                         refine=False, expert_id=gid),
+                                  lambda gid: STNExpert(1, width=4, depth=1, loc_width=4, rotations=[0, 180],
+                                                        select="spread", residual=True, paint=[False, True],
+                                                        expert_id=gid),
                                   lambda gid: UNetExpert(1, width=4, levels=2)],
                          ids=["stn", "stn-rotations-per-example", "stn-rotations-per-expert", "stn-own-warp",
-                              "stn-warp-only-spread", "unet"])
+                              "stn-warp-only-spread", "stn-paint-spread", "unet"])
 def test_stacked_experts_compute_what_each_module_computes(make):
     """vmap and the plain loop give each copy's own output, on a shared batch and on a batch per expert;
     one expert's state loads into a fresh module that computes the same."""
@@ -271,3 +275,49 @@ def test_a_user_factory_trains_under_torchrun_and_reshards(tmp_path, data_root, 
     r = run(cmd + ["--force"], cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, timeout=120)
     assert r.returncode != 0 and "expert.arch 'myexperts:make' cannot be imported" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_stn_paint_makes_two_kinds_of_expert_and_only_the_painters_refinement_learns():
+    """``paint: [false, true]`` with two spread bases: ids 0, 1 move pixels only, ids 2, 3 paint too (each kind
+    at both bases), ids 4, 5 start over. A non-painter's output is its warped input and its refinement gets a
+    zero gradient; the kind is a buffer and part of the niche, so the splits keep one of each base and kind."""
+    def make(gid):
+        return STNExpert(1, width=4, depth=1, loc_width=4, rotations=[0, 180], select="spread", residual=True,
+                         paint=[False, True], expert_id=gid)
+    assert [make(i).paints.item() for i in range(6)] == [0.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    x = torch.rand(3, 1, 16, 16)
+    for gid in (1, 3):
+        e = make(gid)
+        torch.nn.init.normal_(e.refine[-1].weight)  # the residual starts at zero: make the painter paint
+        y = e(x)
+        turned = torch.rot90(x, 2, (-2, -1))
+        if gid == 1:
+            torch.testing.assert_close(y, turned, atol=1e-5, rtol=0)
+        else:
+            assert (y - turned).abs().max() > 1e-2
+        y.square().mean().backward()
+        grads = [p.grad for n, p in e.named_parameters() if n.startswith("refine")]
+        assert all(g is not None for g in grads)
+        assert all(bool((g == 0).all()) for g in grads) == (gid == 1)
+    block = StackedExperts(make, 0, [0, 1, 2, 3], 1, 16)
+    assert block.niches() == [(1.0, 0.0, 0.0), (-1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (-1.0, 0.0, 1.0)]
+    # A few masked Adam steps of every expert: the non-painters' refinements stay bitwise where they were.
+    with torch.no_grad():
+        block.expert_tensors()["refine.3.weight"].normal_()  # past the residual's zero start
+    opt = MaskedAdam(block, 1e-2, (0.9, 0.999), 1e-8)
+    before = {k: v.clone() for k, v in block.expert_tensors().items()}
+    for _ in range(3):
+        opt.zero_grad()
+        block.outputs(block(block.inputs(x))).square().mean().backward()
+        opt.step(torch.ones(4, dtype=torch.bool))
+    after = block.expert_tensors()
+    for k in before:
+        if k.startswith("refine") and k != "refine.3.weight":  # not the one filled by hand
+            assert torch.equal(after[k][:2], before[k][:2]), k
+            assert not torch.equal(after[k][2:], before[k][2:]), k
+    nospread = StackedExperts(lambda gid: STNExpert(1, width=4, depth=1, loc_width=4, residual=True,
+                                                    paint=[True, False], expert_id=gid), 0, [0, 1, 2], 1, 16)
+    assert nospread.niches() == [(1.0,), (0.0,), (1.0,)]
+    for bad in ({"paint": [False, True]}, {"paint": [], "residual": True}, {"paint": ["no"], "residual": True}):
+        with pytest.raises(ValueError, match="paint is a list"):
+            STNExpert(1, **bad)

@@ -18,7 +18,7 @@ LEARN = ["data.mechanisms=[invert,noise]", "data.transformed_examples=6000", "ex
          "train.iterations=150", "train.batch_size=32", "eval.every=75", "eval.examples=300",
          "eval.final_examples=400", "eval.classifier_epochs=1", "checkpoint.every=0", "tracking.log_every=25",
          "tracking.figures_every=0",
-         "tracking.wandb.mode=disabled", "run.progress=false", "threads=2"]
+         "tracking.wandb.mode=disabled", "run.progress=false"]
 
 # Word for word what the README says each precision promises across world sizes on a CPU.
 STARTUP_PROMISES = {

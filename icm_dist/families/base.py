@@ -26,8 +26,9 @@ A **block** is an ``nn.Module`` over a rank's ``num`` experts:
   ``expert_tensors()``: every parameter and buffer by that name, viewed as ``[E, *expert_shape]``;
   ``expert_state(j)`` / ``load_expert_state(j, state)``; ``to_experts()``.
 * ``niches()``: what each expert is fixed to that training never changes (a spread ``stn``'s base
-  rotation), one hashable per local expert, or None for a family without such a thing. The splits never
-  copy over the last expert of a niche (``train.split_keeps_niches``): it could not come back.
+  rotation, its kind with ``paint``), one hashable per local expert, or None for a family without such a
+  thing. The splits never copy over the last expert of a niche (``train.split_keeps_niches``): it could
+  not come back.
 
 The one layout rule the masked Adam and the loser's buffer restore rely on: every parameter and buffer
 of a block has a leading dimension that splits as ``[E, ...]``, expert ``j`` owning slice ``j``.
@@ -171,11 +172,14 @@ class StackedExperts(nn.Module):
                 views[k][j].copy_(v)
 
     def niches(self) -> list[tuple] | None:
-        """The buffer the module names in ``niche_buffer`` (if it names one), per expert, as a tuple."""
-        name = getattr(self._skeleton[0], "niche_buffer", None)
-        if name is None:
+        """The buffers the module names in ``niche_buffer`` (a name or a tuple of names, if it names any), per
+        expert, as one tuple of their values."""
+        names = getattr(self._skeleton[0], "niche_buffer", None)
+        if not names:
             return None
-        return [tuple(v.flatten().tolist()) for v in self._tensors()[1][name]]
+        buffers = self._tensors()[1]
+        names = (names,) if isinstance(names, str) else tuple(names)
+        return [tuple(x for n in names for x in buffers[n][j].flatten().tolist()) for j in range(self.num)]
 
     def to_experts(self) -> list[nn.Module]:
         device = next(self.parameters()).device

@@ -41,6 +41,15 @@ keeps a refinement that cannot paint either: 1x1 convolutions map each pixel's v
 the image's statistics) to a new one, an inversion or a threshold, and move nothing; so the warp carries
 the geometry and the refinement the intensities.
 
+``paint`` (e.g. ``[false, true]``) makes a committee of two kinds from one family: expert ``i`` applies its
+residual refinement only if ``paint[(i // K) % P]`` holds (``K`` the spread's base rotations, 1 without
+a spread; ``P`` the list's length), so with four spread bases and ``[false, true]`` experts 0-3 only move
+pixels, experts 4-7 also paint, each kind at every base. A non-painting expert's refinement is computed
+and multiplied by zero: its gradient is zero and the masked Adam leaves it where it is. The kind is a
+buffer, so a split's copy takes its donor's kind, and it is part of the expert's niche (the splits keep
+one expert of every base and kind). It needs ``residual: true``: a non-painting expert's output is then
+its warped input.
+
 Normalization is per example (GroupNorm), so one example's output never depends on another's and the
 winners' backward is exact.
 """
@@ -62,7 +71,7 @@ class STNExpert(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, depth: int = 3, loc_width: int = 16,
                  warp: str = "similarity", rotations: tuple = (0,), select: str = "expert",
                  select_gain: float = 10.0, residual: bool = False, warp_gain: float = 1.0, own_scale: bool = True,
-                 refine: bool = True, kernel: int = 3, expert_id: int = 0):
+                 refine: bool = True, kernel: int = 3, paint: tuple | None = None, expert_id: int = 0):
         super().__init__()
         if warp not in ("similarity", "affine"):
             raise ValueError(f"warp must be similarity or affine, not {warp!r}")
@@ -77,6 +86,10 @@ class STNExpert(nn.Module):
             raise ValueError(f"kernel (the refinement's convolutions) must be 1 or 3, not {kernel!r}")
         if residual and not refine:
             raise ValueError("residual: true adds the refinement's correction, so it needs refine: true")
+        if paint is not None and (not residual or not paint or not all(isinstance(v, bool) for v in paint)):
+            raise ValueError("paint is a list of true/false (which experts apply their refinement) and needs "
+                             f"residual: true, so that an expert that does not paint outputs its warped input "
+                             f"(here paint {paint!r}, residual {residual})")
         self.warp = warp
         # cos and sin of each base rotation, rounded so that quarter turns sample pixel centres exactly
         self.rotations = [(round(math.cos(math.radians(a)), 12), round(math.sin(math.radians(a)), 12))
@@ -110,8 +123,11 @@ class STNExpert(nn.Module):
             nn.init.zeros_(self.choose.bias)
         elif len(rotations) > 1:
             self.choose = nn.Parameter(torch.zeros(len(rotations)))
-        # The splits keep at least one expert at every base (StackedExperts.niches).
-        self.niche_buffer = "base" if self.spread else None
+        if paint is not None:  # a buffer for the same reason as the base: a split's copy takes its donor's kind
+            k = len(rotations) if self.spread else 1
+            self.register_buffer("paints", torch.tensor(float(paint[(expert_id // k) % len(paint)])))
+        # The splits keep at least one expert at every base and kind (StackedExperts.niches).
+        self.niche_buffer = tuple(n for n, on in (("base", self.spread), ("paints", paint is not None)) if on) or None
         layers: list[nn.Module] = []
         cin = channels
         pad = kernel // 2
@@ -170,7 +186,10 @@ class STNExpert(nn.Module):
         if self.refine is None:  # bilinear samples of [0, 1] inputs with zero padding: already in [0, 1]
             return warped.clamp(0, 1)
         if self.residual:
-            return (warped + self.refine(warped)).clamp(0, 1)
+            correction = self.refine(warped)
+            if hasattr(self, "paints"):
+                correction = correction * self.paints
+            return (warped + correction).clamp(0, 1)
         return torch.sigmoid(self.refine(warped))
 
     @staticmethod
