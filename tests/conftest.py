@@ -14,7 +14,7 @@ os.environ.pop("WANDB_MODE", None)
 # in every worker, and in every process a test starts) oversubscribes them, and OpenMP threads that wait
 # for a core cost more than they compute. One thread per process, unless the shell chose a number.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "1"  # an empty value counts as unset
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
