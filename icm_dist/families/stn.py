@@ -123,11 +123,12 @@ class STNExpert(nn.Module):
             nn.init.zeros_(self.choose.bias)
         elif len(rotations) > 1:
             self.choose = nn.Parameter(torch.zeros(len(rotations)))
-        if paint is not None:  # a buffer for the same reason as the base: a split's copy takes its donor's kind
+        self.kinds = paint is not None
+        if self.kinds:  # a buffer for the same reason as the base: a split's copy takes its donor's kind
             k = len(rotations) if self.spread else 1
             self.register_buffer("paints", torch.tensor(float(paint[(expert_id // k) % len(paint)])))
         # The splits keep at least one expert at every base and kind (StackedExperts.niches).
-        self.niche_buffer = tuple(n for n, on in (("base", self.spread), ("paints", paint is not None)) if on) or None
+        self.niche_buffer = tuple(n for n, on in (("base", self.spread), ("paints", self.kinds)) if on) or None
         layers: list[nn.Module] = []
         cin = channels
         pad = kernel // 2
@@ -187,7 +188,7 @@ class STNExpert(nn.Module):
             return warped.clamp(0, 1)
         if self.residual:
             correction = self.refine(warped)
-            if hasattr(self, "paints"):
+            if self.kinds:
                 correction = correction * self.paints
             return (warped + correction).clamp(0, 1)
         return torch.sigmoid(self.refine(warped))
