@@ -23,6 +23,7 @@ the phases for several simulated ranks in one process.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import Config, describe_changes, resume_changes, to_dict
+from .config import Config, describe_changes, expert_config, resume_changes, to_dict
 from .dist import Dist
 from .errors import CheckpointError
 from .experts import ExpertState, LocalExperts
@@ -89,7 +90,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def expert_metadata(cfg: Config, gid: int, extra: dict | None = None) -> dict:
-    meta = {"format": EXPERT_FORMAT, "expert_id": str(gid), "expert_config": json.dumps(to_dict(cfg)["expert"])}
+    # The config of the expert's own part: an expert file of a committee of several families loads alone.
+    ecfg = expert_config(cfg.expert, gid)
+    meta = {"format": EXPERT_FORMAT, "expert_id": str(gid), "expert_config": json.dumps(dataclasses.asdict(ecfg))}
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     return meta
@@ -446,10 +449,9 @@ def load_into(ckpt: Path, cfg: Config, experts: LocalExperts, disc_module, disc_
     if channels_of(manifest) != experts.channels:
         raise CheckpointError(f"checkpoint '{ckpt}' was trained on images of {channels_of(manifest)} channels but "
                               f"this run's data has {experts.channels}; use the same data.dataset and data.tint")
-    if experts.ids:
-        template = experts.state(0)
     for j, gid in enumerate(experts.ids):
         fname = expert_filename(gid)
+        template = experts.state(j)  # expert j's own family: a committee of several has more than one layout
         state, _ = load_expert_file(ckpt / fname)
         check_fits(f"checkpoint '{ckpt}': {fname} (model)", state.model, template.model)
         check_fits(f"checkpoint '{ckpt}': {fname} (optimizer)", state.optim, template.optim)

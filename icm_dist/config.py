@@ -108,6 +108,52 @@ class ExpertConfig:
     weight_standardization: bool = False
     """Standardize each hidden convolution's filters (zero mean, unit variance per output channel) before
     use: weight standardization, the usual companion of a per-example norm."""
+    train_identity: bool = True
+    """Whether identity initialization (``identity_init``) trains these experts. False for experts that
+    start as the identity by construction or cannot learn it, e.g. a part of spread ``stn`` experts, each turned
+    by its base rotation; ``identity_init.enabled=false`` turns it off for the whole committee."""
+    parts: list = field(default_factory=list)
+    """A committee of several families: a list of parts, each a mapping of ``expert.*`` keys with its own
+    ``num`` (the parts' nums add up to ``expert.num``), e.g. ``[{num: 12}, {num: 8, arch: stn, arch_args:
+    {kernel: 1}, train_identity: false}]``. Part ``p`` holds the next ``num`` global expert ids after the parts
+    before it. A part takes every key it does not name from this section, except ``arch_args`` (its own, ``{}``
+    unless given); an expert's checkpoint and exported file record its part's keys, so they load alone.
+    Empty: one family, the keys above."""
+
+
+def expert_parts(e: ExpertConfig) -> list[ExpertConfig]:
+    """The committee's parts as configs of their own (a one-family committee: ``[e]``), strictly merged: a key
+    that names no ``expert.*`` field, or a value of the wrong type, raises a ConfigError naming it."""
+    if not e.parts:
+        return [e]
+    out = []
+    for i, part in enumerate(e.parts):
+        where = f"expert.parts[{i}]"
+        if not isinstance(part, dict):
+            raise ConfigError(f"config key '{where}': expected a mapping of expert.* keys, got {part!r}")
+        if "parts" in part:
+            raise ConfigError(f"config key '{where}.parts': a part cannot have parts of its own")
+        if "num" not in part:
+            raise ConfigError(f"config key '{where}.num': every part needs its number of experts")
+        p = dataclasses.replace(e, parts=[], arch_args={})
+        _merge(p, part, f"{where}.")
+        out.append(p)
+    return out
+
+
+def part_of(e: ExpertConfig, gid: int) -> int:
+    """The index of the part that holds global expert ``gid`` (0 for a one-family committee)."""
+    start = 0
+    for i, p in enumerate(expert_parts(e)):
+        start += p.num
+        if gid < start:
+            return i
+    raise ValueError(f"expert {gid} is beyond the committee's {start} experts")
+
+
+def expert_config(e: ExpertConfig, gid: int) -> ExpertConfig:
+    """The config that builds global expert ``gid``: its part's (``e`` itself without parts)."""
+    return expert_parts(e)[part_of(e, gid)]
 
 
 @dataclass
@@ -544,7 +590,8 @@ def _validate_routing(cfg: Config) -> None:
          f"must be in 1..expert.num - 1 ({cfg.expert.num - 1}), or null for the full competition")
     need(cfg.train.capacity_factor is None, "train.capacity_factor", cfg.train.capacity_factor,
          "cannot be combined with train.route_k (a capped example may have no candidate with room); set one")
-    need(cfg.expert.norm != "batch" or cfg.train.expert_backward != "winners", "train.expert_backward",
+    need(all(p.norm != "batch" for p in expert_parts(cfg.expert)) or cfg.train.expert_backward != "winners",
+         "train.expert_backward",
          cfg.train.expert_backward, "winners cannot be combined with train.route_k and BatchNorm (the routed "
          "pass has no full-batch statistics to hold fixed); use auto or dense")
     need(cfg.train.route_full_every >= 1, "train.route_full_every", cfg.train.route_full_every, "must be >= 1")
@@ -560,6 +607,25 @@ def _validate_routing(cfg: Config) -> None:
          "must be in [0, 1]")
 
 
+def _validate_experts(e: ExpertConfig) -> None:
+    """expert.* and every part's keys; the error names the part (``expert.parts[1].width``)."""
+    parts = expert_parts(e)
+    if e.parts:
+        need(all(p.num >= 1 for p in parts), "expert.parts", [p.num for p in parts],
+             "each part needs at least one expert (num >= 1)")
+        need(sum(p.num for p in parts) == e.num, "expert.num", e.num,
+             f"must equal the parts' nums added up ({' + '.join(str(p.num) for p in parts)})")
+    for i, p in enumerate(parts):
+        key = f"expert.parts[{i}]." if e.parts else "expert."
+        need(p.width >= 1, key + "width", p.width, "must be >= 1")
+        need(p.depth >= 1, key + "depth", p.depth, "must be >= 1")
+        need(0 <= p.pool <= 2, key + "pool", p.pool, "must be 0, 1 or 2")
+        need(p.norm != "group" or (p.groups >= 1 and p.width % p.groups == 0), key + "groups", p.groups,
+             f"must divide {key}width = {p.width} ({key}norm=group)")
+        need(p.depth >= 2 * p.pool, key + "depth", p.depth,
+             f"must be at least 2 * {key}pool = {2 * p.pool} (a block per pooling and per upsampling)")
+
+
 def validate(cfg: Config) -> None:
     """Check every value that its type cannot; raise one ConfigError naming the key and the value."""
     need(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
@@ -567,7 +633,8 @@ def validate(cfg: Config) -> None:
     need(cfg.data.dataset in ("mnist", "symbols") or cfg.data.dataset.partition(":")[0] in ("torchvision", "folder")
          and cfg.data.dataset.partition(":")[2] != "", "data.dataset", cfg.data.dataset,
          "must be mnist, symbols, torchvision:<Class> or folder:<PATH>")
-    stages = max(len(cfg.discriminator.widths), cfg.expert.pool, 2)  # the classifier pools twice
+    # The classifier pools twice.
+    stages = max(len(cfg.discriminator.widths), *(p.pool for p in expert_parts(cfg.expert)), 2)
     need(cfg.data.image_size >= 8 and cfg.data.image_size % 2 ** stages == 0, "data.image_size",
          cfg.data.image_size, f"must be a multiple of {2 ** stages} (each 2x2 pooling of the discriminator, the "
          "experts and the evaluation classifier halves it)")
@@ -584,13 +651,7 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.data, key)
         need(v is None or v >= 1, f"data.{key}", v, "must be >= 1 or null")
     need(cfg.expert.num >= 1, "expert.num", cfg.expert.num, "needs at least one expert")
-    need(cfg.expert.width >= 1, "expert.width", cfg.expert.width, "must be >= 1")
-    need(cfg.expert.depth >= 1, "expert.depth", cfg.expert.depth, "must be >= 1")
-    need(0 <= cfg.expert.pool <= 2, "expert.pool", cfg.expert.pool, "must be 0, 1 or 2")
-    need(cfg.expert.norm != "group" or (cfg.expert.groups >= 1 and cfg.expert.width % cfg.expert.groups == 0),
-         "expert.groups", cfg.expert.groups, f"must divide expert.width = {cfg.expert.width} (expert.norm=group)")
-    need(cfg.expert.depth >= 2 * cfg.expert.pool, "expert.depth", cfg.expert.depth,
-         f"must be at least 2 * expert.pool = {2 * cfg.expert.pool} (a block per pooling and per upsampling)")
+    _validate_experts(cfg.expert)
     need(len(cfg.discriminator.widths) >= 1 and all(isinstance(w, int) and w >= 1 for w in cfg.discriminator.widths),
          "discriminator.widths", cfg.discriminator.widths, "must be a non-empty list of positive integers")
     need(cfg.discriminator.hidden >= 1, "discriminator.hidden", cfg.discriminator.hidden, "must be >= 1")

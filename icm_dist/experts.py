@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .config import Config
+from .config import Config, expert_config
 from .dist import Dist, ShardPlan
 from .families import get_family
 from .utils import strip_prefix
@@ -43,18 +43,29 @@ class MaskedAdam:
     ``torch.optim.Adam`` on the stacked tensors would move every expert every step (zero gradient
     still moves the weights through the first moment), so a loser would drift. Here each expert has
     its own step count and the update is written back only where the mask is set, bitwise leaving
-    the others alone. The arithmetic follows torch.optim.Adam's single-tensor path.
+    the others alone. The arithmetic follows torch.optim.Adam's single-tensor path. A block of several
+    parts (families) is stepped part by part, each on its slice of the mask.
     """
 
     def __init__(self, bank, lr: float, betas, eps: float):
         self.bank, self.lr, self.eps = bank, lr, eps
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        self.names = [n for n, _ in bank.expert_params()]
-        self.params = [p for _, p in bank.expert_params()]
-        E = bank.num
+        # (first local index, block, names, parameters) of each part
+        self.groups = [(first, part, [n for n, _ in part.expert_params()], [p for _, p in part.expert_params()])
+                       for first, part in bank.parts()]
+        self.names = [n for g in self.groups for n in g[2]]
+        self.params = [p for g in self.groups for p in g[3]]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.step_E = torch.zeros(E, dtype=torch.float32, device=self.params[0].device)
+        self.step_E = torch.zeros(bank.num, dtype=torch.float32, device=self.params[0].device)
+
+    def _parts(self):
+        """Per part: (first, experts, its block, names, params, exp_avg, exp_avg_sq)."""
+        i = 0
+        for first, part, names, params in self.groups:
+            n = len(params)
+            yield first, part.num, part, names, params, self.exp_avg[i:i + n], self.exp_avg_sq[i:i + n]
+            i += n
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -62,51 +73,58 @@ class MaskedAdam:
 
     @torch.no_grad()
     def step(self, mask_E: torch.Tensor) -> None:
-        E = self.bank.num
         if not bool(mask_E.any()):
             return
         self.step_E += mask_E.to(self.step_E.dtype)
         step = self.step_E.double().clamp(min=1)
         bc1 = 1 - self.beta1 ** step
-        bc2_sqrt = (1 - self.beta2 ** step).sqrt()
-        step_size = (self.lr / bc1).to(self.params[0].dtype)
-        bc2_sqrt = bc2_sqrt.to(self.params[0].dtype)
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            if p.grad is None:
-                continue
-            # Split only the leading dim into [E, ...]: a view under any memory format (channels_last too).
-            g = p.grad.unflatten(0, (E, -1))
-            pv, mv, vv = p.unflatten(0, (E, -1)), m.unflatten(0, (E, -1)), v.unflatten(0, (E, -1))
-            bshape = (E,) + (1,) * (pv.dim() - 1)
-            keep = mask_E.view(bshape)
-            m_new = mv.lerp(g, 1 - self.beta1)
-            v_new = vv.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            denom = (v_new.sqrt() / bc2_sqrt.view(bshape)).add_(self.eps)
-            p_new = pv.addcdiv(m_new * step_size.view(bshape), denom, value=-1.0)
-            mv.copy_(torch.where(keep, m_new, mv))
-            vv.copy_(torch.where(keep, v_new, vv))
-            pv.copy_(torch.where(keep, p_new, pv))
+        bc2_sqrt_E = (1 - self.beta2 ** step).sqrt()
+        for first, E, _, _, params, exp_avg, exp_avg_sq in self._parts():
+            dtype = params[0].dtype
+            step_size = (self.lr / bc1[first:first + E]).to(dtype)
+            bc2_sqrt = bc2_sqrt_E[first:first + E].to(dtype)
+            mask = mask_E[first:first + E]
+            for p, m, v in zip(params, exp_avg, exp_avg_sq):
+                if p.grad is None:
+                    continue
+                # Split only the leading dim into [E, ...]: a view under any memory format (channels_last too).
+                g = p.grad.unflatten(0, (E, -1))
+                pv, mv, vv = p.unflatten(0, (E, -1)), m.unflatten(0, (E, -1)), v.unflatten(0, (E, -1))
+                bshape = (E,) + (1,) * (pv.dim() - 1)
+                keep = mask.view(bshape)
+                m_new = mv.lerp(g, 1 - self.beta1)
+                v_new = vv.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                denom = (v_new.sqrt() / bc2_sqrt.view(bshape)).add_(self.eps)
+                p_new = pv.addcdiv(m_new * step_size.view(bshape), denom, value=-1.0)
+                mv.copy_(torch.where(keep, m_new, mv))
+                vv.copy_(torch.where(keep, v_new, vv))
+                pv.copy_(torch.where(keep, p_new, pv))
 
     # -- per-expert state, for checkpoints -------------------------------------------------
+    def _moments_of(self, j: int):
+        """(index within its part, experts of the part, the part's views, names, exp_avg, exp_avg_sq) of ``j``."""
+        for first, E, part, names, _, exp_avg, exp_avg_sq in self._parts():
+            if j < first + E:
+                return j - first, E, part.expert_tensors(), names, exp_avg, exp_avg_sq
+        raise IndexError(f"local expert {j} is beyond this block's {self.bank.num}")
+
     def expert_state(self, j: int) -> dict[str, torch.Tensor]:
-        E = self.bank.num
+        k, E, views, names, exp_avg, exp_avg_sq = self._moments_of(j)
         out = {}
-        views = self.bank.expert_tensors()
-        for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+        for n, m, v in zip(names, exp_avg, exp_avg_sq):
             shape = views[n].shape[1:]
-            out[f"{n}.exp_avg"] = m.view(E, *shape)[j].clone()
-            out[f"{n}.exp_avg_sq"] = v.view(E, *shape)[j].clone()
+            out[f"{n}.exp_avg"] = m.view(E, *shape)[k].clone()
+            out[f"{n}.exp_avg_sq"] = v.view(E, *shape)[k].clone()
         out["step"] = self.step_E[j:j + 1].clone()
         return out
 
     @torch.no_grad()
     def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        E = self.bank.num
-        views = self.bank.expert_tensors()
-        for n, m, v in zip(self.names, self.exp_avg, self.exp_avg_sq):
+        k, E, views, names, exp_avg, exp_avg_sq = self._moments_of(j)
+        for n, m, v in zip(names, exp_avg, exp_avg_sq):
             shape = views[n].shape[1:]
-            m.view(E, *shape)[j].copy_(state[f"{n}.exp_avg"])
-            v.view(E, *shape)[j].copy_(state[f"{n}.exp_avg_sq"])
+            m.view(E, *shape)[k].copy_(state[f"{n}.exp_avg"])
+            v.view(E, *shape)[k].copy_(state[f"{n}.exp_avg_sq"])
         self.step_E[j] = state["step"].reshape(())
 
 
@@ -120,6 +138,9 @@ class LocalExperts:
         # The block first: it checks the family's expert on a probe batch (one line for a bad arch_args).
         self.bank = self.family.block(cfg.expert, cfg.seed, self.ids, channels, cfg.data.image_size).to(device)
         self.couples_batch = self.family.couples_batch(cfg.expert)
+        # Which experts identity initialization trains (their part's expert.train_identity).
+        self.train_identity_E = torch.tensor([expert_config(cfg.expert, g).train_identity for g in self.ids],
+                                             dtype=torch.bool, device=device)
         if cfg.train.channels_last and self.bank.channels_last:
             self.bank = self.bank.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
@@ -138,8 +159,13 @@ class LocalExperts:
     def num(self) -> int:
         return len(self.ids)
 
+    def _part_buffers(self):
+        """(first local index, experts, buffers) of each part of the block."""
+        for first, part in self.bank.parts():
+            yield first, part.num, [b for n, b in part.named_buffers() if not n.endswith("num_batches_tracked")]
+
     def buffers(self) -> list[torch.Tensor]:
-        return [b for n, b in self.bank.named_buffers() if not n.endswith("num_batches_tracked")]
+        return [b for _, _, bufs in self._part_buffers() for b in bufs]
 
     def snapshot_buffers(self) -> list[torch.Tensor]:
         return [b.clone() for b in self.buffers()]
@@ -147,10 +173,12 @@ class LocalExperts:
     @torch.no_grad()
     def restore_buffers(self, saved: list[torch.Tensor], restore_E: torch.Tensor) -> None:
         """Put back the running statistics of the experts in ``restore_E`` (the losers of a step)."""
-        E = self.num
-        for b, s in zip(self.buffers(), saved):
-            bv, sv = b.view(E, -1), s.view(E, -1)
-            bv.copy_(torch.where(restore_E.view(E, 1), sv, bv))
+        saved = iter(saved)
+        for first, E, bufs in self._part_buffers():
+            restore = restore_E[first:first + E].view(E, 1)
+            for b in bufs:
+                bv, sv = b.view(E, -1), next(saved).view(E, -1)
+                bv.copy_(torch.where(restore, sv, bv))
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         """One batch for every local expert (``[B, C, H, W]``) or one per expert (``[B, E, C, H, W]``) in the

@@ -15,14 +15,15 @@ def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, d
     """Train every expert of the rank towards the identity, all in parallel.
 
     Expert ``j`` trains on its own batches, keyed by (seed, its global id, step), to reproduce its
-    input, until its batch MSE falls below ``identity_init.mse`` or ``max_steps`` pass. An expert that
+    input, until its batch MSE falls below ``identity_init.mse`` or ``max_steps`` pass (an expert whose part
+    says ``expert.train_identity: false`` is left as it was built). An expert that
     is done is frozen (masked), so each expert's result depends only on its id, never on its rank
     neighbours. Uses its own Adam; the competition starts with fresh optimizer state.
     """
     ic = cfg.identity_init
     E = experts.num
     opt = experts.new_optimizer()
-    active_E = torch.ones(E, dtype=torch.bool, device=device)
+    active_E = experts.train_identity_E.clone()
     steps_E = torch.zeros(E, dtype=torch.long)
     last_mse_E = torch.full((E,), float("nan"))
     experts.bank.train()

@@ -52,7 +52,8 @@ def settle_winners_capped(scores_BN: torch.Tensor, capacity: int) -> torch.Tenso
 
 
 def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share: float,
-                spare: int = 0, merged: float | None = None, niches: list | None = None) -> list[tuple[int, int]]:
+                spare: int = 0, merged: float | None = None, niches: list | None = None,
+                kinds: list | None = None) -> list[tuple[int, int]]:
     """Which experts to split into which, from the examples each won since the last check.
 
     Returns ``(donor, idle)`` pairs: the idlest expert (won less than ``idle_share`` fair shares) goes
@@ -72,6 +73,10 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     ``niches``: what each expert is fixed to (its family's ``niches``; None: nothing). An idle expert that
     is the last of its niche is passed over (a copy would take its donor's niche, and nothing brings the
     lost one back), and the next idle one goes with that donor instead.
+
+    ``kinds``: each expert's kind where a copy can only be of its own kind (the part of a committee of several
+    families: one family's expert cannot hold another's state; None: one kind). A donor takes the idlest
+    expert of its kind, and a donor with none left is passed over.
     """
     wins = [float(w) for w in (wins_N.tolist() if isinstance(wins_N, torch.Tensor) else wins_N)]
     N, total = len(wins), sum(wins)
@@ -83,16 +88,18 @@ def plan_splits(wins_N: list[int] | torch.Tensor, idle_share: float, donor_share
     allowed = len(idle) - spare
     if merged is not None:
         allowed = max(allowed, sum(wins[e] >= merged * total for e in donors))
-    if niches is None:
-        return list(zip(donors, idle))[:max(0, allowed)]
-    left, pairs = Counter(niches), []
+    left, pairs = Counter(niches or []), []
     for donor in donors:
-        copy = next((e for e in idle if left[niches[e]] > 1), None)
-        if len(pairs) >= allowed or copy is None:
+        if len(pairs) >= allowed:
             break
+        copy = next((e for e in idle if (kinds is None or kinds[e] == kinds[donor])
+                     and (niches is None or left[niches[e]] > 1)), None)
+        if copy is None:
+            continue
         idle.remove(copy)
-        left[niches[copy]] -= 1
-        left[niches[donor]] += 1
+        if niches is not None:
+            left[niches[copy]] -= 1
+            left[niches[donor]] += 1
         pairs.append((donor, copy))
     return pairs
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_lib
 from . import figures
 from .competition import batch_indices, build_competition
-from .config import Config, config_hash
+from .config import Config, config_hash, part_of
 from .data.images import load_images
 from .dist import Dist, ShardPlan, init_distributed
 from .errors import IcmError, TrainingError, on_every_rank
@@ -353,8 +353,9 @@ class Trainer:
         niches = self.experts.niches() if cfg.train.split_keeps_niches else None
         if niches is not None:  # every rank's, in global id order (the blocks are consecutive)
             niches = [n for block in self.dist.all_gather_object(niches) for n in block]
+        kinds = [part_of(cfg.expert, g) for g in range(cfg.expert.num)] if cfg.expert.parts else None
         for donor, idle in plan_splits(wins, cfg.train.split_idle_share, cfg.train.split_donor_share, self.spare,
-                                       merged, niches):
+                                       merged, niches, kinds):
             copy_expert(self.experts, self.plan, self.dist, donor, idle)
             split.active.append(Division(donor, idle, it + cfg.train.split_steps))
             split.log.append({"iteration": it, "donor": donor, "copy": idle, "donor_share": wins[donor] / total,

@@ -60,11 +60,13 @@ GRAD_TOL = 1e-2  # of the tensor's largest |element| (module docstring)
 
 def expert_grads(experts) -> dict[int, dict[str, torch.Tensor]]:
     """The bank's gradients per expert (global id -> Expert-layout name -> tensor); zeros where none."""
-    E, out = experts.num, {g: {} for g in experts.ids}
-    for name, p in experts.bank.expert_params():
-        grad = torch.zeros_like(p) if p.grad is None else p.grad
-        for j, g in enumerate(experts.ids):
-            out[g][name] = grad.detach().unflatten(0, (E, -1))[j].clone()
+    out = {g: {} for g in experts.ids}
+    for first, part in experts.bank.parts():  # a committee of several families: part by part
+        E, views = part.num, part.expert_tensors()
+        for name, p in part.expert_params():
+            grad = torch.zeros_like(p) if p.grad is None else p.grad
+            for j, g in enumerate(experts.ids[first:first + E]):
+                out[g][name] = grad.detach().reshape(E, *views[name].shape[1:])[j].clone()  # the expert's shape
     return out
 
 

@@ -16,10 +16,10 @@ from invariance_checks import (
 )
 
 from icm_dist.competition import draw_batch
-from icm_dist.config import load_config
+from icm_dist.config import expert_config, load_config
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import ExpertState, LocalExperts, copy_expert
-from icm_dist.families.conv import Expert
+from icm_dist.families import get_family
 from icm_dist.identity import identity_init
 from icm_dist.protocol import build_protocol
 from icm_dist.reference import reference_step
@@ -79,10 +79,11 @@ def adam_from(expert, optim_state, cfg):
     return opt
 
 
-def adam_applied(state, grads, cfg):
-    """What ``torch.optim.Adam`` makes of one expert's state (``ExpertState.flat()``) and gradients."""
+def adam_applied(state, grads, cfg, gid=0):
+    """What ``torch.optim.Adam`` makes of expert ``gid``'s state (``ExpertState.flat()``) and gradients."""
     state = ExpertState.from_flat(state)
-    expert = Expert(cfg.expert)
+    ecfg = expert_config(cfg.expert, gid)
+    expert = get_family(ecfg).expert(ecfg, 1)
     expert.load_state_dict(state.model)
     opt = adam_from(expert, state.optim, cfg)
     for n, p in expert.named_parameters():
@@ -96,17 +97,21 @@ def adam_applied(state, grads, cfg):
     return flat
 
 
-def assert_adam_step(after, before, grads, won, cfg, what):
+def assert_adam_step(after, before, grads, won, cfg, what, gid=0):
     """The fast path's optimizer: a winner's weights, moments and step count are bitwise what torch's
     Adam makes of its state and the gradients the step computed (MaskedAdam follows torch's
     single-tensor Adam op for op; a torch release that changes its Adam would show here), a loser's
     are bitwise unchanged."""
-    want = adam_applied(before, grads, cfg) if won else before
+    want = adam_applied(before, grads, cfg, gid) if won else before
     differ = [k for k, v in want.items() if not k.endswith("num_batches_tracked") and not torch.equal(after[k], v)]
     assert not differ, f"{what} ({'won' if won else 'lost'}): {differ}"
 
 
-@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled"])
+# A committee of two families (expert.parts): experts 0-1 the conv bank, 2-3 stn copies batched by torch.func.
+MIXED = "expert.parts=[{num: 2}, {num: 2, arch: stn, arch_args: {width: 8, depth: 2, loc_width: 4}}]"
+
+
+@pytest.mark.parametrize("mode", ["dense", "winners", "dense-compiled", "dense-mixed"])
 def test_fast_path_matches_reference_step_by_step(data_root, mnist, proto_cache, mode):
     """The fast step (fp32, channels_last as configured) against ``reference.reference_step`` (a loop over
     plain experts, its own losses, a dense backward), both from the same state at every step: winners
@@ -119,10 +124,13 @@ def test_fast_path_matches_reference_step_by_step(data_root, mnist, proto_cache,
     D's loss: at W = 1 the fast path's share ``disc_loss_local`` is the whole loss, the reference's
     ``disc_loss`` (at W ranks the shares sum to it, and D's backward runs on ``disc_loss_local * W``
     because DDP averages). ``dense-compiled``: the experts' pass under torch.compile (train.compile),
-    whose fused kernels sum in yet another order.
+    whose fused kernels sum in yet another order. ``dense-mixed``: a committee of two families, whose
+    reference is each expert's own family's module.
     """
-    mode, _, compiled = mode.partition("-")
-    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={bool(compiled)}")
+    mode, _, variant = mode.partition("-")
+    compiled = variant == "compiled"
+    cfg = small_cfg(data_root, f"train.expert_backward={mode}", f"train.compile={compiled}",
+                    *([MIXED] if variant == "mixed" else []))
     proto = get_proto(cfg, mnist, proto_cache)
     dist, plan = Dist(0, 1, 0, torch.device("cpu")), ShardPlan(cfg.expert.num, 1)
     fast, disc, disc_opt = competition(cfg)
@@ -136,7 +144,7 @@ def test_fast_path_matches_reference_step_by_step(data_root, mnist, proto_cache,
         a = competition_step(fast, disc, disc_opt, f, r, plan, dist)
         b = reference_step(ref_experts, ref_opts, ref_disc, ref_disc_opt, f, r, expert_backward=mode)
         grads_E, grads_D = recorder.take()
-        at = f"{mode}{'-compiled' if compiled else ''} step {t}"
+        at = f"{mode}{'-' + variant if variant else ''} step {t}"
         assert torch.equal(a.winners_B, b.winners_B), f"{at}: winners"
         rule = lowest_id_among_maxima(a.scores_BN)
         assert torch.equal(a.winners_B, rule), f"{at}: winners {a.winners_B.tolist()}, ties to lowest {rule.tolist()}"
@@ -149,7 +157,7 @@ def test_fast_path_matches_reference_step_by_step(data_root, mnist, proto_cache,
             want = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in ref_experts[j].named_parameters()}
             assert_grads_close(grads_E[j], want, f"{at} expert {j}")
             after = fast.state(j).flat()
-            assert_adam_step(after, before[j], grads_E[j], bool(a.won_E[j]), cfg, f"{at} expert {j}")
+            assert_adam_step(after, before[j], grads_E[j], bool(a.won_E[j]), cfg, f"{at} expert {j}", j)
             for k, v in ref_experts[j].state_dict().items():
                 if "running" in k:  # BatchNorm's running statistics: sums over the batch, as gradients are
                     assert_batch_sum_close(after[f"model.{k}"], v, f"{at} expert {j} {k}")

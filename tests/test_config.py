@@ -71,6 +71,12 @@ def test_overrides_are_yaml_scalars():
     ("train=3", "config section 'train' must be a mapping"),
     ("seed", "override 'seed' is not of the form key.path=value"),
     ("expert.pool=2", "config key 'expert.depth' = 4: must be at least 2 * expert.pool = 4") ,
+    ("expert.parts=[{num: 10, widht: 3}]", "unknown config key 'expert.parts[0].widht' (did you mean "
+                                           "'expert.parts[0].width'?)"),
+    ("expert.parts=[{num: 10, norm: batchy}]", "config key 'expert.parts[0].norm': 'batchy' is not one of"),
+    ("expert.parts=[{width: 3}]", "config key 'expert.parts[0].num': every part needs its number of experts"),
+    ("expert.parts=[{num: 10, parts: []}]", "config key 'expert.parts[0].parts': a part cannot have parts"),
+    ("expert.parts=[3]", "config key 'expert.parts[0]': expected a mapping of expert.* keys, got 3"),
 ])
 def test_bad_values_name_the_key(override, message):
     if override == "expert.pool=2":  # depth 4 allows pool 2; depth 3 does not
@@ -149,6 +155,10 @@ RANGE_CHECKS = [
     (["expert.pool=3", "expert.depth=6"], "expert.pool"),
     (["expert.pool=2", "expert.depth=3"], "expert.depth"),
     (["expert.norm=group", "expert.groups=3"], "expert.groups"),
+    (["expert.parts=[{num: 2}, {num: 3}]"], "expert.num"),
+    (["expert.num=3", "expert.parts=[{num: 3}, {num: 0}]"], "expert.parts"),
+    (["expert.num=4", "expert.parts=[{num: 2}, {num: 2, width: 0}]"], "expert.parts[1].width"),
+    (["expert.num=4", "expert.parts=[{num: 2, arch: stn, pool: 2, depth: 3}, {num: 2}]"], "expert.parts[0].depth"),
     (["discriminator.widths=[]"], "discriminator.widths"),
     (["discriminator.widths=[8,0]"], "discriminator.widths"),
     (["discriminator.hidden=0"], "discriminator.hidden"),
@@ -270,3 +280,20 @@ def test_a_config_saved_before_new_keys_is_the_same_experiment():
                            if k not in ("dataset", "download", "split", "image_size", "tint", "symbol_classes")}}
     assert experiment_hash(old) == experiment_hash(now)
     assert experiment_hash(old) != experiment_hash(to_dict(load_config(None, ["data.image_size=64"])))
+
+
+def test_a_committee_of_several_families_is_parts_of_expert_keys():
+    """``expert.parts``: each part takes the keys it does not name from ``expert`` (its ``arch_args`` its own),
+    holds the next ``num`` global ids, and an expert's config is its part's."""
+    cfg = load_config(None, ["expert.num=5", "expert.width=8", "expert.arch_args={ignored: 1}",
+                             "expert.parts=[{num: 2}, {num: 3, arch: stn, arch_args: {kernel: 1}, "
+                             "train_identity: false}]"])
+    conv, stn = config_module.expert_parts(cfg.expert)
+    assert (conv.arch, conv.num, conv.width, conv.arch_args, conv.parts) == ("conv", 2, 8, {}, [])
+    assert (stn.arch, stn.num, stn.width, stn.arch_args, stn.train_identity) == ("stn", 3, 8, {"kernel": 1}, False)
+    assert [config_module.part_of(cfg.expert, g) for g in range(5)] == [0, 0, 1, 1, 1]
+    assert config_module.expert_config(cfg.expert, 3) == stn
+    assert config_module.expert_parts(load_config().expert) == [load_config().expert]
+    with pytest.raises(ValueError, match="beyond"):
+        config_module.part_of(cfg.expert, 5)
+

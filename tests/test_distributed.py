@@ -14,7 +14,8 @@ share of D's loss and its experts' losses, then its experts' state after the ste
 
 One launch of four processes runs every world (a process that imports torch costs seconds): rank r
 takes part in the worlds W > r, each in a gloo group of its own, in five variants: both expert_backward
-modes in fp32, the stn and unet families in fp32, and the dense mode in bf16 (``train.precision=bf16``:
+modes in fp32, the stn family and a committee of two families (conv and unet: ``expert.parts``) in fp32,
+and the dense mode in bf16 (``train.precision=bf16``:
 emulated, slower, on CPUs without native bf16), whose W = 2 runs twice. The dense mode runs at every W;
 the others up to W = 3, the first plan with a lone expert (``WORLDS_OF``), and bf16 at W = 1 and 2.
 """
@@ -42,7 +43,7 @@ from invariance_checks import (
 )
 
 from icm_dist.competition import build_competition, draw_batch
-from icm_dist.config import load_config
+from icm_dist.config import load_config, part_of
 from icm_dist.dist import Dist, ShardPlan
 from icm_dist.experts import ExpertState, copy_expert
 from icm_dist.identity import identity_init
@@ -53,18 +54,21 @@ N, B, STEPS = 5, 16, 6
 WORLDS = (1, 2, 3, 4)
 # The world sizes each variant runs: the dense step in every plan; the others up to the first plan with a lone
 # expert (W = 3: a plain module where a bank ran), and bf16 (emulated, slow, on CPUs without it) at W = 2.
-WORLDS_OF = {"dense": WORLDS, "winners": (1, 2, 3), "stn": (1, 2, 3), "unet": (1, 2, 3), "bf16": (1, 2)}
+WORLDS_OF = {"dense": WORLDS, "winners": (1, 2, 3), "stn": (1, 2, 3), "mixed": (1, 2, 3), "bf16": (1, 2)}
 # The fp32 variants carry the world-size promise; bf16 promises less (test_bf16_* below).
 VARIANTS = {"dense": ["train.expert_backward=dense", "train.precision=fp32"],
             "winners": ["train.expert_backward=winners", "train.precision=fp32"],
             "bf16": ["train.expert_backward=dense", "train.precision=bf16"],
             # The other expert families (icm_dist/families/): copies of one nn.Module, batched with torch.func.
             "stn": ["expert.arch=stn", "expert.arch_args={width: 8, depth: 2, loc_width: 4}", "train.precision=fp32"],
-            # width 8: at width 4, two experts give one example bitwise-equal scores (an exact tie that the
-            # last bits of another world size break the other way), so winners could not be compared exactly
-            "unet": ["expert.arch=unet", "expert.arch_args={width: 8, levels: 2}", "train.precision=fp32"]}
+            # Two families in one committee: experts 0-1 the conv bank, 2-4 unet copies (W = 2 holds both on rank
+            # 0; W = 3 puts the lone unet expert 4 on rank 2). unet at width 8: at width 4, two experts give one
+            # example bitwise-equal scores (an exact tie that the last bits of another world size break the
+            # other way), so winners could not be compared exactly.
+            "mixed": ["expert.parts=[{num: 2}, {num: 3, arch: unet, arch_args: {width: 8, levels: 2}}]",
+                      "train.precision=fp32"]}
 MODES = tuple(VARIANTS)
-FP32_MODES = ("dense", "winners", "stn", "unet")
+FP32_MODES = ("dense", "winners", "stn", "mixed")
 BF16_SCORE_TOL = 2.0 ** -8  # bf16's unit roundoff: one unit of the largest score
 SPLIT_AFTER, DIVIDED = 2, (3, 4)  # the split copies after step 2; donor and copy divide steps 3 and 4
 TIMEOUT_S = 300  # the whole launch; 30-50 s on two busy cores
@@ -93,6 +97,13 @@ def _restore(state, experts, disc, disc_opt) -> None:
     disc_opt.load_state_dict(copy.deepcopy(state["disc_opt"]))
 
 
+def _copy_for(cfg, donor: int) -> int:
+    """The split's copy: the last expert of the donor's part (its first if the donor is the last); one family's
+    expert cannot hold another's state. One family: expert 4, or 0 if the donor is 4."""
+    same = [g for g in range(N) if part_of(cfg.expert, g) == part_of(cfg.expert, donor)]
+    return same[-1] if donor != same[-1] else same[0]
+
+
 def _run(world, rank, mode, inputs, out, tag=""):
     """One world's six steps on this rank; W = 1 also writes the states that the other worlds start from."""
     cfg = _cfg(inputs["data_root"], mode)
@@ -113,7 +124,7 @@ def _run(world, rank, mode, inputs, out, tag=""):
                                divisions=[split] if t in DIVIDED else [])
         if t == SPLIT_AFTER:
             donor = int(torch.bincount(res.winners_B, minlength=N).argmax())
-            split = (donor, 4 if donor != 4 else 0)
+            split = (donor, _copy_for(cfg, donor))
             copy_expert(experts, plan, dist, *split)
         grads_E, grads_D = recorder.take()
         records.append({"winners": res.winners_B, "scores": res.scores_BN, "disc_loss": res.disc_loss_local,
@@ -203,24 +214,36 @@ def test_every_world_size_computes_the_same_step(runs, mode):
     block of two or more) was bitwise equal to W = 1 in scores, and in experts' gradients in dense
     mode; D's gradients never are (the all-reduce). Winners are compared exactly: the closest
     non-tied pair of scores in this setup is 3.0e-6 apart, 70 times the largest score difference
-    between world sizes (4.5e-8); a failure prints the margins of the rows that differ."""
+    between world sizes (4.5e-8); a failure prints the margins of the rows that differ. The one exception
+    is an exact tie at W = 1 (expert 1 is a copy of expert 0 at step 0): on a CPU with AVX-512, the copy's
+    score at another world size can differ from its donor's in the last bit (a different position in D's
+    batch, another kernel tail), so a winner among W = 1's tied experts passes, and the tied experts' wins,
+    losses and gradients are not compared at that step (the tie rule within a world is checked below)."""
     base = runs[mode][1][0]
     for world in WORLDS_OF[mode][1:]:
         ranks = runs[mode][world]
         for t in range(STEPS):
             got, want, at = ranks[0][t], base[t], f"{mode} W={world} step {t}"
             bad = (got["winners"] != want["winners"]).nonzero().flatten().tolist()
+            # An exact tie at W = 1 (a copy and its donor) may be broken by the last bit at another world size,
+            # where a copy sits at another position of D's batch: a winner among the tied is the same step.
+            tops = {i: (want["scores"][i] == want["scores"][i].max()).nonzero().flatten().tolist() for i in bad}
+            tied = {g for i in bad if int(got["winners"][i]) in tops[i] and len(tops[i]) > 1 for g in tops[i]}
+            bad = [i for i in bad if not (int(got["winners"][i]) in tops[i] and len(tops[i]) > 1)]
             margins = [margin(want["scores"], i) for i in bad]
             assert not bad, f"{at}: winners differ in rows {bad}; their top-two margins at W=1: {margins}"
-            won = _merged(ranks, t, "won")
-            assert won == want["won"], f"{at}: wins per expert {won}, at W=1 {want['won']}"
+            won = {g: n for g, n in _merged(ranks, t, "won").items() if g not in tied}
+            assert won == {g: n for g, n in want["won"].items() if g not in tied}, \
+                f"{at}: wins per expert {won}, at W=1 {want['won']}"
             assert_scores_close(got["scores"], want["scores"], at)
             assert_loss_close(sum(r[t]["disc_loss"] for r in ranks), want["disc_loss"], B + B * N, want["scores"],
                               f"{at} D's loss")
             for g, loss in _merged(ranks, t, "expert_loss").items():
-                assert_loss_close(loss, want["expert_loss"][g], B, want["scores"], f"{at} expert {g}'s loss")
+                if g not in tied:  # a tied expert's loss and gradient are over the examples it won
+                    assert_loss_close(loss, want["expert_loss"][g], B, want["scores"], f"{at} expert {g}'s loss")
             for g, grads in _merged(ranks, t, "expert_grads").items():
-                assert_grads_close(grads, want["expert_grads"][g], f"{at} expert {g}")
+                if g not in tied:
+                    assert_grads_close(grads, want["expert_grads"][g], f"{at} expert {g}")
             for g, after in _merged(ranks, t, "after").items():  # the state no gradient decides
                 for k in (k for k in after if "running" in k):
                     assert_batch_sum_close(after[k], want["after"][g][k], f"{at} expert {g} {k}")
@@ -256,7 +279,8 @@ def test_ranks_agree_and_winners_follow_the_tie_rule(runs, mode):
 def test_losers_keep_their_state_and_splits_copy_across_ranks(runs, mode):
     """On every rank: an expert that won nothing is bitwise what it was before the step (weights,
     BatchNorm buffers, Adam moments and step), a winner's Adam step count goes up by one. After the
-    split, the copy (expert 4, on another rank for W > 1) is bitwise its donor, Adam state included,
+    split, the copy (expert 4, on another rank for W > 1; in the committee of two families, the last of the
+    donor's part) is bitwise its donor, Adam state included,
     and while the two divide, the copy takes floor(k/2) of the k examples either would have won."""
     teacher = runs[mode]["teacher"]
     for world in WORLDS_OF[mode]:

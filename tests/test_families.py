@@ -2,8 +2,9 @@
 the probe check of a user's factory, and whole runs of every family through the real entry points (train,
 resume, reshard, export, apply), a user's factory from a temporary module under launch/torchrun.sh 2.
 
-The world-size invariance of the stn and unet families, step by step with losers bitwise unchanged, is in
-tests/test_distributed.py (its ``stn`` and ``unet`` variants).
+The world-size invariance of the stn family and of a committee of two families (conv and unet), step by step
+with losers bitwise unchanged, is in tests/test_distributed.py (its ``stn`` and ``mixed`` variants); the fast
+step of a committee of two families against the reference is in tests/test_competition.py.
 """
 
 from __future__ import annotations
@@ -321,3 +322,38 @@ def test_stn_paint_makes_two_kinds_of_expert_and_only_the_painters_refinement_le
     for bad in ({"paint": [False, True]}, {"paint": [], "residual": True}, {"paint": ["no"], "residual": True}):
         with pytest.raises(ValueError, match="paint is a list"):
             STNExpert(1, **bad)
+
+
+MIXED = ("expert.parts=[{num: 2}, {num: 2, arch: stn, train_identity: false, arch_args: {width: 8, depth: 2, "
+         "loc_width: 4, rotations: [0, 180], select: spread, residual: true}}]")
+
+
+def test_a_committee_of_two_families_trains_resumes_bitwise_and_exports_each_expert_as_its_own(tmp_path, data_root,
+                                                                                                mnist):
+    """``expert.parts``: two conv experts and two spread stn experts (bases 0 and 180, counted from the part's
+    first expert) in one committee. Identity initialization trains only the part that asks for it; a run cut and
+    resumed is bitwise the whole run; an stn expert exports as an stn module that computes what the committee's
+    expert computes; surgery, which would renumber the parts, is refused with one line."""
+    from icm_dist.commands.reuse import export_expert, load_expert, load_module_file, open_source, surgery
+
+    more = ["expert.num=4", MIXED, "train.precision=fp32", "train.split_every=2", "train.split_steps=1"]
+    whole = _train(tmp_path / "whole", data_root, *more)
+    assert whole["num_experts"] == 4
+    steps = json.loads((tmp_path / "whole" / "summary.json").read_text())["identity_init"]["steps"]
+    assert steps[0] > 0 and steps[1] > 0 and steps[2:] == [0, 0], steps
+    _train(tmp_path / "cut", data_root, *more, "train.iterations=2")
+    _train(tmp_path / "cut", data_root, *more, "resume=auto")
+    a, b = (tmp_path / r / "checkpoints" / "iter_0000004" for r in ("whole", "cut"))
+    assert same_tensors(a, b) == []
+    src = open_source(tmp_path / "whole")
+    assert load_expert(src, 3).base.tolist() == [-1.0, 0.0]  # the part's second expert: base 180
+    export_expert(tmp_path / "whole", tmp_path / "e3.safetensors", "3")
+    module, meta = load_module_file(tmp_path / "e3.safetensors")
+    assert "expert.arch stn" in meta["architecture"] and json.loads(meta["expert_config"])["arch"] == "stn"
+    conv_file, _ = load_module_file(a / "expert_000.safetensors")  # a checkpoint's expert file loads alone too
+    assert type(conv_file).__name__ == "Expert"
+    x = mnist.test_x[:3]
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), load_expert(src, 3)(x))
+    with pytest.raises(ConfigError, match="surgery of a committee of several families"):
+        surgery(tmp_path / "whole", tmp_path / "cut2", remove=[0])

@@ -99,6 +99,20 @@ def test_plan_splits_never_copy_over_the_last_expert_of_a_niche():
     assert plan_splits(wins, 0.25, 1.5, niches=[0, 0, 180, 180, 0, 0, 0, 0]) == [(0, 3)]
 
 
+def test_plan_splits_copy_only_within_a_kind():
+    """A committee of several families: a copy must be of its donor's kind (part). e0 (part 0) takes the idlest
+    expert of part 0 (e4, not e1 or e9 of part 1); e3 (part 1) takes e1; with no idle expert of its kind left a
+    donor is passed over and the next one still pairs."""
+    wins = [30, 0, 12, 20, 1, 10, 10, 9, 8, 0]
+    kinds = [0, 1, 0, 1, 0, 0, 0, 0, 0, 1]
+    assert plan_splits(wins, 0.25, 1.5, kinds=kinds) == [(0, 4), (3, 1)]
+    assert plan_splits(wins, 0.25, 1.5, kinds=[0, 1, 0, 1, 1, 0, 0, 0, 0, 1]) == [(3, 1)]  # no idle of e0's kind
+    assert plan_splits(wins, 0.25, 1.5, kinds=[0] * 10) == plan_splits(wins, 0.25, 1.5)
+    # With niches too (a mixed committee's niche is its part with the family's own): the last of a niche stays.
+    assert plan_splits(wins, 0.25, 1.5, niches=[(k, None) for k in kinds], kinds=kinds) == [(0, 4), (3, 1)]
+    assert plan_splits(wins, 0.25, 1.5, niches=[(k, g == 4) for g, k in enumerate(kinds)], kinds=kinds) == [(3, 1)]
+
+
 def _divide_reference(winners: list[int], scores: list[list[float]], donor: int, copy: int) -> list[int]:
     pool = sorted((i for i, w in enumerate(winners) if w in (donor, copy)), key=lambda i: (scores[i][donor], i))
     out = list(winners)

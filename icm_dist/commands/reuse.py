@@ -27,7 +27,7 @@ from PIL import Image
 
 from .. import checkpoint as ck
 from ..competition import build_competition
-from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, to_dict
+from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, expert_config
 from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
 from ..dist import Dist, ShardPlan
@@ -120,7 +120,7 @@ def load_expert(src: Source, gid: int) -> nn.Module:
         raise CheckpointError(f"checkpoint '{src.ckpt}' has experts 0..{src.manifest['num_experts'] - 1}, not {gid}")
     path = src.ckpt / ck.expert_filename(gid)
     state, _ = ck.load_expert_file(path)
-    return _build_expert(src.cfg.expert, state.model, str(path), ck.channels_of(src.manifest))
+    return _build_expert(expert_config(src.cfg.expert, gid), state.model, str(path), ck.channels_of(src.manifest))
 
 
 def load_module_file(path: str | Path) -> tuple[nn.Module, dict]:
@@ -179,14 +179,15 @@ def export_expert(source: str | Path, out: str | Path, expert: str, force: bool 
     captured = None
     if src.summary is not None:
         captured = next((m for m, g in src.summary.get("captured", {}).items() if g == gid), None)
-    exp_cfg = to_dict(src.cfg)["expert"]
+    ecfg = expert_config(src.cfg.expert, gid)  # its part's, in a committee of several families
+    exp_cfg = dataclasses.asdict(ecfg)
     meta = {
         "format": MODULE_FORMAT,
         "expert_id": str(gid),
         "expert_config": json.dumps({k: exp_cfg[k] for k in ("arch", "arch_args", "width", "depth", "pool", "norm",
                                                              "groups", "weight_standardization")}),
         "channels": str(ck.channels_of(src.manifest)),
-        "architecture": architecture(src.cfg.expert),
+        "architecture": architecture(ecfg),
         "mechanism": json.dumps(captured),
         "win_rate": json.dumps(rates[captured] if rates and captured else (max(rates.values()) if rates else None)),
         "win_rates": json.dumps(rates),
@@ -410,6 +411,9 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
     """Write ``out_dir/checkpoints/iter_N`` (the committee after surgery) and ``out_dir/config.yaml``."""
     src = open_source(source)
     cfg, N, it0 = src.cfg, src.cfg.expert.num, src.manifest["iteration"]
+    if cfg.expert.parts:
+        raise ConfigError("surgery of a committee of several families (expert.parts) is not supported: removing or "
+                          "adding experts would change which part each expert id belongs to")
     out_dir = RunDir(out_dir)
     out_dir.check_writable()
     held = out_dir.run_files()

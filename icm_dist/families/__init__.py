@@ -3,7 +3,8 @@
 The seam every family provides is described in :mod:`icm_dist.families.base`. ``conv`` is the paper's
 expert as a grouped-convolution bank; every other family is an ``nn.Module`` factory whose copies are
 batched by :class:`~icm_dist.families.base.StackedExperts`. A user's factory by import path
-(``my_package.module:make``) is one too: it is checked on a probe batch before anything trains.
+(``my_package.module:make``) is one too: it is checked on a probe batch before anything trains. A committee of
+several families (``expert.parts``) is :class:`~icm_dist.families.mixed.MixedFamily`, one family per part.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..config import ExpertConfig
+from ..config import ExpertConfig, expert_parts
 from ..errors import ConfigError, on_this_rank
 from ..rng import seeded
 from .base import StackedExperts, couples_examples
 from .conv import ConvFamily
+from .mixed import MixedBlock, MixedFamily
 from .stn import STNExpert
 from .unet import UNetExpert
 
@@ -28,10 +30,16 @@ class ModuleFamily:
     """A family made of one ``nn.Module`` factory ``make(**arch_args)``, plus ``channels=C`` when it takes it and
     ``expert_id=gid`` (the expert's global id, for an initialization that differs by expert) when it takes it."""
 
-    def __init__(self, name: str, make: Callable[..., nn.Module]):
+    def __init__(self, name: str, make: Callable[..., nn.Module], first: int = 0):
         self.name, self._make = name, make
+        self.first = first  # the global id of the family's expert 0 (a part of a mixed committee starts later)
+
+    def numbered_from(self, first: int) -> "ModuleFamily":
+        """The family as a part whose first expert has global id ``first``: ``expert_id`` counts from there."""
+        return ModuleFamily(self.name, self._make, first)
 
     def _factory(self, cfg: ExpertConfig, channels: int) -> Callable[[int], nn.Module]:
+        """``make(i)``: the family's expert number ``i`` (global id ``first + i``)."""
         kwargs = dict(cfg.arch_args)
         try:
             takes = inspect.signature(self._make).parameters
@@ -56,7 +64,7 @@ class ModuleFamily:
     def block(self, cfg: ExpertConfig, seed: int, ids: list[int], channels: int, image_size: int) -> StackedExperts:
         make = self._factory(cfg, channels)
         check_expert(self.name, make, channels, image_size)
-        return StackedExperts(make, seed, ids, channels, image_size)
+        return StackedExperts(lambda gid: make(gid - self.first), seed, ids, channels, image_size)
 
     def couples_batch(self, cfg: ExpertConfig) -> bool:
         return couples_examples(self.expert(cfg, 1))
@@ -84,7 +92,12 @@ def _import(path: str) -> Callable[..., nn.Module]:
 
 
 def get_family(cfg: ExpertConfig):
-    """The family ``cfg.arch`` names: a registered one, or a user's factory by import path."""
+    """The family ``cfg.arch`` names: a registered one, or a user's factory by import path; with
+    ``cfg.parts``, the committee of their families."""
+    if cfg.parts:
+        parts = expert_parts(cfg)
+        starts = [sum(p.num for p in parts[:i]) for i in range(len(parts))]
+        return MixedFamily(cfg, [get_family(p).numbered_from(s) for p, s in zip(parts, starts)])
     if cfg.arch in FAMILIES:
         return FAMILIES[cfg.arch]
     if ":" not in cfg.arch:
@@ -127,4 +140,5 @@ def check_expert(name: str, make: Callable[[int], nn.Module], channels: int, ima
                           "batch; an expert's output must lie in [0, 1] (end with a sigmoid or a clamp)")
 
 
-__all__ = ["FAMILIES", "ModuleFamily", "StackedExperts", "check_expert", "get_family", "size_multiple"]
+__all__ = ["FAMILIES", "MixedBlock", "MixedFamily", "ModuleFamily", "StackedExperts", "check_expert", "get_family",
+           "size_multiple"]

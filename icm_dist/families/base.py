@@ -25,13 +25,17 @@ A **block** is an ``nn.Module`` over a rank's ``num`` experts:
 * ``expert_params()``: ``(name, parameter)`` pairs, the names in the standalone expert's layout;
   ``expert_tensors()``: every parameter and buffer by that name, viewed as ``[E, *expert_shape]``;
   ``expert_state(j)`` / ``load_expert_state(j, state)``; ``to_experts()``.
+* ``parts()``: ``[(first local index, block)]`` of the blocks whose per-expert views (``expert_params``,
+  ``expert_tensors``) cover its experts: ``[(0, self)]`` for a one-family block, one entry per part for a
+  committee of several families (:mod:`icm_dist.families.mixed`), which has no views of its own.
 * ``niches()``: what each expert is fixed to that training never changes (a spread ``stn``'s base
   rotation, its kind with ``paint``), one hashable per local expert, or None for a family without such a
   thing. The splits never copy over the last expert of a niche (``train.split_keeps_niches``): it could
   not come back.
 
 The one layout rule the masked Adam and the loser's buffer restore rely on: every parameter and buffer
-of a block has a leading dimension that splits as ``[E, ...]``, expert ``j`` owning slice ``j``.
+of a part's block has a leading dimension that splits as ``[E, ...]`` (``E`` the part's experts), expert
+``j`` owning slice ``j``.
 
 This module keeps the seam's second implementation beside the conv bank: :class:`StackedExperts`, ``E``
 copies of any ``nn.Module`` with their own parameters, run as one batched call with ``torch.func``
@@ -170,6 +174,10 @@ class StackedExperts(nn.Module):
         with torch.no_grad():
             for k, v in state.items():
                 views[k][j].copy_(v)
+
+    def parts(self) -> list[tuple[int, nn.Module]]:
+        """One part: the block itself (the per-expert views below cover all its experts)."""
+        return [(0, self)]
 
     def niches(self) -> list[tuple] | None:
         """The buffers the module names in ``niche_buffer`` (a name or a tuple of names, if it names any), per

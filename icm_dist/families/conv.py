@@ -265,6 +265,10 @@ class ExpertBank(nn.Module):
         """Every parameter and buffer viewed as ``[E, *expert_shape]`` (views: writes go to the bank)."""
         return {k: self._expert_view(k, v) for k, v in self.state_dict(keep_vars=True).items()}
 
+    def parts(self) -> list[tuple[int, nn.Module]]:
+        """One part: the bank itself."""
+        return [(0, self)]
+
     def niches(self) -> None:
         """Nothing about a conv expert is fixed: every one can become a copy of any other."""
         return None
@@ -313,6 +317,10 @@ class ConvFamily:
 
     def expert(self, cfg: ExpertConfig, channels: int) -> Expert:
         return Expert(cfg, channels)
+
+    def numbered_from(self, first: int) -> "ConvFamily":
+        """As a part of a mixed committee: the same (a conv expert depends on its global id only)."""
+        return self
 
     def block(self, cfg: ExpertConfig, seed: int, ids: list[int], channels: int, image_size: int) -> ExpertBank:
         return ExpertBank.create(cfg, seed, ids, channels)
