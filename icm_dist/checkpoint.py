@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import Config, describe_changes, expert_config, resume_changes, to_dict
+from .config import Config, describe_changes, expert_config, expert_parts, resume_changes, to_dict
 from .dist import Dist
 from .errors import CheckpointError
 from .experts import ExpertState, LocalExperts
@@ -268,7 +268,7 @@ def check_compatible(manifest: dict, cfg: Config, ckpt: Path) -> None:
     """The checkpoint must belong to this experiment: every key outside ``config.RESUMABLE_KEYS`` as the run
     saved it (so its shapes fit too); the world size may differ."""
     changes = resume_changes(manifest["config"], cfg)
-    if cfg.expert.norm != "group":  # expert.groups means something only to the group norm
+    if all(p.norm != "group" for p in expert_parts(cfg.expert)):  # expert.groups means something only to it
         changes = [c for c in changes if c[0] != "expert.groups"]
     if changes:
         raise CheckpointError(f"checkpoint '{ckpt}' belongs to another experiment: it was {describe_changes(changes)}; "

@@ -611,6 +611,8 @@ def _validate_experts(e: ExpertConfig) -> None:
     """expert.* and every part's keys; the error names the part (``expert.parts[1].width``)."""
     parts = expert_parts(e)
     if e.parts:
+        need(not e.arch_args, "expert.arch_args", e.arch_args, "belongs in a part when expert.parts is set (each "
+             "part's arch_args are its own)")
         need(all(p.num >= 1 for p in parts), "expert.parts", [p.num for p in parts],
              "each part needs at least one expert (num >= 1)")
         need(sum(p.num for p in parts) == e.num, "expert.num", e.num,

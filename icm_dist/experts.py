@@ -1,9 +1,10 @@
 """A rank's experts: the family's block, their masked Adam, and one expert's state (get, load, copy).
 
-:class:`LocalExperts` is the rank's block of the committee, built by the family ``expert.arch`` names
-(:mod:`icm_dist.families`); nothing here knows an expert's layers. :class:`ExpertState` is everything one
-expert is (its ``Expert`` state dict and its Adam moments and step): what a checkpoint file holds,
-what a split copies from one expert into another, and what surgery moves between committees.
+:class:`LocalExperts` is the rank's block of the committee, built by the family ``expert.arch`` names, or by
+one family per part with ``expert.parts`` (:mod:`icm_dist.families`); nothing here knows an expert's layers.
+:class:`ExpertState` is everything one expert is (its family's state dict and its Adam moments and step): what
+a checkpoint file holds, what a split copies from one expert into another, and what surgery moves between
+committees.
 """
 
 from __future__ import annotations
@@ -141,8 +142,10 @@ class LocalExperts:
         # Which experts identity initialization trains (their part's expert.train_identity).
         self.train_identity_E = torch.tensor([expert_config(cfg.expert, g).train_identity for g in self.ids],
                                              dtype=torch.bool, device=device)
-        if cfg.train.channels_last and self.bank.channels_last:
-            self.bank = self.bank.to(memory_format=torch.channels_last)
+        if cfg.train.channels_last:
+            for _, part in self.bank.parts():  # in place: the parameters stay the block's
+                if part.channels_last:
+                    part.to(memory_format=torch.channels_last)
         self.opt = self.new_optimizer()
         # The training-mode pass over all experts: the step's full pass and identity initialization call
         # it with the same [B, E, H, W] shape, so one compiled graph serves them. Evaluation (eval-mode

@@ -37,7 +37,8 @@ def identity_init(experts: LocalExperts, data_BCHW: torch.Tensor, cfg: Config, d
         with amp:
             out_BECHW = experts.outputs(experts.train_forward(experts.inputs(x_BECHW)))
         mse_E = (out_BECHW.float() - x_BECHW).pow(2).mean(dim=(0, 2, 3, 4))
-        last_mse_E = torch.where(active_E.cpu(), mse_E.detach().cpu(), last_mse_E)
+        # Every expert's MSE at the start, the trained ones' as they go.
+        last_mse_E = torch.where(active_E.cpu() | (step == 0), mse_E.detach().cpu(), last_mse_E)
         active_E &= mse_E.detach() >= ic.mse
         if not bool(active_E.any()):
             experts.restore_buffers(saved, torch.ones_like(active_E))

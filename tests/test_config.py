@@ -156,6 +156,7 @@ RANGE_CHECKS = [
     (["expert.pool=2", "expert.depth=3"], "expert.depth"),
     (["expert.norm=group", "expert.groups=3"], "expert.groups"),
     (["expert.parts=[{num: 2}, {num: 3}]"], "expert.num"),
+    (["expert.num=2", "expert.arch_args={width: 4}", "expert.parts=[{num: 2}]"], "expert.arch_args"),
     (["expert.num=3", "expert.parts=[{num: 3}, {num: 0}]"], "expert.parts"),
     (["expert.num=4", "expert.parts=[{num: 2}, {num: 2, width: 0}]"], "expert.parts[1].width"),
     (["expert.num=4", "expert.parts=[{num: 2, arch: stn, pool: 2, depth: 3}, {num: 2}]"], "expert.parts[0].depth"),
@@ -285,7 +286,7 @@ def test_a_config_saved_before_new_keys_is_the_same_experiment():
 def test_a_committee_of_several_families_is_parts_of_expert_keys():
     """``expert.parts``: each part takes the keys it does not name from ``expert`` (its ``arch_args`` its own),
     holds the next ``num`` global ids, and an expert's config is its part's."""
-    cfg = load_config(None, ["expert.num=5", "expert.width=8", "expert.arch_args={ignored: 1}",
+    cfg = load_config(None, ["expert.num=5", "expert.width=8",
                              "expert.parts=[{num: 2}, {num: 3, arch: stn, arch_args: {kernel: 1}, "
                              "train_identity: false}]"])
     conv, stn = config_module.expert_parts(cfg.expert)

@@ -333,8 +333,9 @@ def test_a_committee_of_two_families_trains_resumes_bitwise_and_exports_each_exp
     """``expert.parts``: two conv experts and two spread stn experts (bases 0 and 180, counted from the part's
     first expert) in one committee. Identity initialization trains only the part that asks for it; a run cut and
     resumed is bitwise the whole run; an stn expert exports as an stn module that computes what the committee's
-    expert computes; surgery, which would renumber the parts, is refused with one line."""
+    expert computes; surgery removes within the parts."""
     from icm_dist.commands.reuse import export_expert, load_expert, load_module_file, open_source, surgery
+    from icm_dist.errors import CheckpointError
 
     more = ["expert.num=4", MIXED, "train.precision=fp32", "train.split_every=2", "train.split_steps=1"]
     whole = _train(tmp_path / "whole", data_root, *more)
@@ -355,5 +356,13 @@ def test_a_committee_of_two_families_trains_resumes_bitwise_and_exports_each_exp
     x = mnist.test_x[:3]
     with torch.no_grad():
         torch.testing.assert_close(module(x), load_expert(src, 3)(x))
-    with pytest.raises(ConfigError, match="surgery of a committee of several families"):
-        surgery(tmp_path / "whole", tmp_path / "cut2", remove=[0])
+    # Surgery removes within the parts (each keeps its run of ids) and refuses to add (to which part?).
+    surgery(tmp_path / "whole", tmp_path / "cut2", remove=[0], log=lambda *a: None)
+    after = open_source(tmp_path / "cut2")
+    assert [p["num"] for p in after.cfg.expert.parts] == [1, 2] and after.manifest["num_experts"] == 3
+    for k, v in load_expert(src, 3).state_dict().items():
+        assert torch.equal(v, load_expert(after, 2).state_dict()[k]), k
+    with pytest.raises(ConfigError, match="surgery --add on a committee of several families"):
+        surgery(tmp_path / "whole", tmp_path / "cut3", add=1)
+    with pytest.raises(CheckpointError, match="part 0 of expert.parts without an expert"):
+        surgery(tmp_path / "whole", tmp_path / "cut4", remove=[0, 1])

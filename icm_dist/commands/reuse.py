@@ -27,7 +27,7 @@ from PIL import Image
 
 from .. import checkpoint as ck
 from ..competition import build_competition
-from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, expert_config
+from ..config import Config, ExpertConfig, config_from_dict, config_hash, dump_yaml, expert_config, part_of
 from ..data.images import fit_size, pil_to_tensor, to_uint8
 from ..data.library import resolve_mechanisms
 from ..dist import Dist, ShardPlan
@@ -411,9 +411,9 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
     """Write ``out_dir/checkpoints/iter_N`` (the committee after surgery) and ``out_dir/config.yaml``."""
     src = open_source(source)
     cfg, N, it0 = src.cfg, src.cfg.expert.num, src.manifest["iteration"]
-    if cfg.expert.parts:
-        raise ConfigError("surgery of a committee of several families (expert.parts) is not supported: removing or "
-                          "adding experts would change which part each expert id belongs to")
+    if cfg.expert.parts and add:
+        raise ConfigError("surgery --add on a committee of several families (expert.parts): which part new experts "
+                          "join is not defined; remove only, or raise a part's num in a new run's config")
     out_dir = RunDir(out_dir)
     out_dir.check_writable()
     held = out_dir.run_files()
@@ -439,6 +439,12 @@ def surgery(source: str | Path, out_dir: str | Path, remove: list[int] = (), rem
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.expert.num = new_n
+    if cfg.expert.parts:  # the kept experts keep their order, so each part stays one run of ids, only shorter
+        nums = [sum(part_of(cfg.expert, g) == p for g in kept) for p in range(len(cfg.expert.parts))]
+        if 0 in nums:
+            raise CheckpointError(f"surgery would leave part {nums.index(0)} of expert.parts without an expert: "
+                                  "remove fewer")
+        new_cfg.expert.parts = [{**part, "num": n} for part, n in zip(cfg.expert.parts, nums)]
     new_cfg.run.out_dir = str(out_dir)
     new_cfg.resume = "auto"
     if iterations is not None:

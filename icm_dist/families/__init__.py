@@ -28,7 +28,8 @@ from .unet import UNetExpert
 
 class ModuleFamily:
     """A family made of one ``nn.Module`` factory ``make(**arch_args)``, plus ``channels=C`` when it takes it and
-    ``expert_id=gid`` (the expert's global id, for an initialization that differs by expert) when it takes it."""
+    ``expert_id=i`` when it takes it (the expert's number in the family: its global id, less the part's first id
+    in a committee of several families; for an initialization that differs by expert)."""
 
     def __init__(self, name: str, make: Callable[..., nn.Module], first: int = 0):
         self.name, self._make = name, make
@@ -48,8 +49,8 @@ class ModuleFamily:
         if "channels" in takes or any(p.kind is p.VAR_KEYWORD for p in takes.values()):
             kwargs.setdefault("channels", channels)
         if "expert_id" in takes:
-            return lambda gid: self._make(**kwargs, expert_id=gid)
-        return lambda gid: self._make(**kwargs)
+            return lambda i: self._make(**kwargs, expert_id=i)
+        return lambda i: self._make(**kwargs)
 
     def expert(self, cfg: ExpertConfig, channels: int) -> nn.Module:
         """One standalone expert (the skeleton a saved state loads into: expert 0's initialization)."""

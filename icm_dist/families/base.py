@@ -1,7 +1,7 @@
 """The expert-family seam: what a family provides so that the step, identity initialization, the masked
 Adam, checkpoints, resharding, the routed competition and the commands work for it unchanged.
 
-A **family** (``expert.arch``) has three methods:
+A **family** (``expert.arch``) has these methods:
 
 * ``expert(cfg, channels) -> nn.Module``: one standalone expert, ``[B, C, H, W]`` in [0, 1] to the same
   shape. Its state dict is what a checkpoint's expert file and an exported expert hold (``model.*``).
@@ -10,6 +10,9 @@ A **family** (``expert.arch``) has three methods:
 * ``couples_batch(cfg) -> bool``: whether one example's output depends on the others' (BatchNorm's
   batch statistics). Then the exact gradient of Algorithm 1 needs the dense backward
   (``train.expert_backward=auto`` picks it).
+* ``describe(cfg) -> str``: the expert's network in words, for an exported file's metadata.
+* ``numbered_from(first) -> family``: the family as a part of a committee of several (``expert.parts``)
+  whose first expert has global id ``first``, for what an expert's number decides (a spread ``stn``'s base).
 
 A **block** is an ``nn.Module`` over a rank's ``num`` experts:
 

@@ -23,7 +23,7 @@ from ..config import ExpertConfig, expert_parts
 class MixedBlock(nn.Module):
     """A rank's experts of a committee of several families: the blocks of the parts it holds, in id order."""
 
-    # Each part's layout is its own; the conv parts' weights stay in the contiguous format.
+    # Not the block as a whole: LocalExperts applies train.channels_last to each part that takes it.
     channels_last = False
 
     def __init__(self, blocks: list[nn.Module], part_ids: list[int]):
@@ -49,8 +49,8 @@ class MixedBlock(nn.Module):
     def inputs(self, x: torch.Tensor, channels_last: bool = False) -> tuple:
         """Each part's native input: from the shared ``[B, C, H, W]``, or from its slice of ``[B, E, C, H, W]``."""
         if x.dim() == 4:
-            return tuple(b.inputs(x) for b in self.blocks)
-        return tuple(b.inputs(x[:, first:first + b.num]) for first, b in self.parts())
+            return tuple(b.inputs(x, channels_last) for b in self.blocks)
+        return tuple(b.inputs(x[:, first:first + b.num], channels_last) for first, b in self.parts())
 
     def outputs(self, ys: tuple) -> torch.Tensor:
         return torch.cat([b.outputs(y) for b, y in zip(self.blocks, ys)], dim=1)
@@ -82,7 +82,8 @@ class MixedBlock(nn.Module):
         self.blocks[p].load_expert_state(k, state)
 
     def niches(self) -> list[tuple]:
-        """Each expert's part (its family: no split copies across parts) with its niche within the part."""
+        """Each expert's part with its niche within the part (that a copy stays within its donor's part is
+        ``plan_splits``' ``kinds``, which the trainer passes whether niches are kept or not)."""
         out = []
         for part, b in zip(self.part_ids, self.blocks):
             out.extend((part, n) for n in (b.niches() or [None] * b.num))
@@ -112,4 +113,6 @@ class MixedFamily:
         return MixedBlock(blocks, part_ids)
 
     def couples_batch(self, cfg: ExpertConfig) -> bool:
+        """Whether any part couples a batch: then the whole committee takes the dense backward (exact for every
+        part; the per-example parts pay for the conv part's BatchNorm)."""
         return any(f.couples_batch(p) for f, p in zip(self.families, self.part_cfgs))

@@ -12,7 +12,8 @@ e.g. ``[0, 90, 180, 270]``) gives an expert several warp hypotheses: the learned
 fixed base rotation, each sampled from the input, mixed with softmax weights: by default one logit
 per hypothesis as a parameter of the expert (``select: expert``), so that an expert commits to one
 rotation as a mechanism does; ``select: example`` predicts them from each example instead.
-``select: spread`` learns no choice: expert ``i`` of the committee applies ``rotations[i % K]`` after
+``select: spread`` learns no choice: expert ``i`` of the committee (of its part, with ``expert.parts``) applies
+``rotations[i % K]`` after
 its learned warp, a fixed buffer, so that the committee starts with experts at every base rotation and
 the competition (and the splits, which copy a donor's base with its weights but never over the last
 expert at a base: ``train.split_keeps_niches``) decides which are kept;
