@@ -43,6 +43,7 @@ from icm_dist.competition import build_competition, draw_batch  # noqa: E402
 from icm_dist.config import apply_override, load_config  # noqa: E402
 from icm_dist.dist import Dist, ShardPlan  # noqa: E402
 from icm_dist.evaluate import run_committee  # noqa: E402
+from icm_dist.families import get_family  # noqa: E402
 from icm_dist.identity import identity_init  # noqa: E402
 from icm_dist.precision import describe_cpu, resolve_precision  # noqa: E402
 from icm_dist.protocol import build_protocol  # noqa: E402
@@ -261,7 +262,7 @@ def main():
             else f"CPU, {torch.get_num_threads()} threads, {describe_cpu()}")
     print(f"device: {name}; fast path: precision {resolve_precision(cfg.train.precision, dev)}, "
           f"channels_last {cfg.train.channels_last}, "
-          f"expert_backward {expert_backward(cfg, cfg.expert.norm == 'batch')}, "
+          f"expert_backward {expert_backward(cfg, get_family(cfg.expert).couples_batch(cfg.expert))}, "
           f"compile {cfg.train.compile}; batch {cfg.train.batch_size}")
     others = [v for v, _ in variants(cfg)[1:]]
     print(f"{'experts':>7} {'reference ms':>13} {'fast ms':>8} {'ratio':>6} "
