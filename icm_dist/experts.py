@@ -16,6 +16,7 @@ import torch
 from .config import Config, expert_config
 from .dist import Dist, ShardPlan
 from .families import get_family
+from .families.base import locate
 from .utils import strip_prefix
 
 
@@ -51,22 +52,15 @@ class MaskedAdam:
     def __init__(self, bank, lr: float, betas, eps: float):
         self.bank, self.lr, self.eps = bank, lr, eps
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
-        # (first local index, block, names, parameters) of each part
-        self.groups = [(first, part, [n for n, _ in part.expert_params()], [p for _, p in part.expert_params()])
-                       for first, part in bank.parts()]
-        self.names = [n for g in self.groups for n in g[2]]
-        self.params = [p for g in self.groups for p in g[3]]
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # Per part: (first local index, experts, block, names, parameters, exp_avg, exp_avg_sq).
+        self.groups = []
+        for first, part in bank.parts():
+            names, params = [n for n, _ in part.expert_params()], [p for _, p in part.expert_params()]
+            self.groups.append((first, part.num, part, names, params, [torch.zeros_like(p) for p in params],
+                                [torch.zeros_like(p) for p in params]))
+        self.names = [n for g in self.groups for n in g[3]]
+        self.params = [p for g in self.groups for p in g[4]]
         self.step_E = torch.zeros(bank.num, dtype=torch.float32, device=self.params[0].device)
-
-    def _parts(self):
-        """Per part: (first, experts, its block, names, params, exp_avg, exp_avg_sq)."""
-        i = 0
-        for first, part, names, params in self.groups:
-            n = len(params)
-            yield first, part.num, part, names, params, self.exp_avg[i:i + n], self.exp_avg_sq[i:i + n]
-            i += n
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -80,7 +74,7 @@ class MaskedAdam:
         step = self.step_E.double().clamp(min=1)
         bc1 = 1 - self.beta1 ** step
         bc2_sqrt_E = (1 - self.beta2 ** step).sqrt()
-        for first, E, _, _, params, exp_avg, exp_avg_sq in self._parts():
+        for first, E, _, _, params, exp_avg, exp_avg_sq in self.groups:
             dtype = params[0].dtype
             step_size = (self.lr / bc1[first:first + E]).to(dtype)
             bc2_sqrt = bc2_sqrt_E[first:first + E].to(dtype)
@@ -104,10 +98,9 @@ class MaskedAdam:
     # -- per-expert state, for checkpoints -------------------------------------------------
     def _moments_of(self, j: int):
         """(index within its part, experts of the part, the part's views, names, exp_avg, exp_avg_sq) of ``j``."""
-        for first, E, part, names, _, exp_avg, exp_avg_sq in self._parts():
-            if j < first + E:
-                return j - first, E, part.expert_tensors(), names, exp_avg, exp_avg_sq
-        raise IndexError(f"local expert {j} is beyond this block's {self.bank.num}")
+        p, k = locate(self.bank.parts(), j)
+        _, E, part, names, _, exp_avg, exp_avg_sq = self.groups[p]
+        return k, E, part.expert_tensors(), names, exp_avg, exp_avg_sq
 
     def expert_state(self, j: int) -> dict[str, torch.Tensor]:
         k, E, views, names, exp_avg, exp_avg_sq = self._moments_of(j)

@@ -96,9 +96,7 @@ def get_family(cfg: ExpertConfig):
     """The family ``cfg.arch`` names: a registered one, or a user's factory by import path; with
     ``cfg.parts``, the committee of their families."""
     if cfg.parts:
-        parts = expert_parts(cfg)
-        starts = [sum(p.num for p in parts[:i]) for i in range(len(parts))]
-        return MixedFamily(cfg, [get_family(p).numbered_from(s) for p, s in zip(parts, starts)])
+        return MixedFamily(cfg, [get_family(p) for p in expert_parts(cfg)])
     if cfg.arch in FAMILIES:
         return FAMILIES[cfg.arch]
     if ":" not in cfg.arch:

@@ -69,6 +69,15 @@ def check_state_fits(state: dict[str, torch.Tensor], shapes: dict) -> None:
             raise ValueError(f"expert tensor '{k}' has shape {tuple(v.shape)}, the config needs {tuple(shapes[k])}")
 
 
+def locate(parts: list[tuple[int, nn.Module]], j: int) -> tuple[int, int]:
+    """(index into ``parts``, the expert's index within that part's block) of local expert ``j``, ``parts`` a
+    block's ``parts()``."""
+    for p, (first, b) in enumerate(parts):
+        if j < first + b.num:
+            return p, j - first
+    raise IndexError(f"local expert {j} is beyond the block's {sum(b.num for _, b in parts)}")
+
+
 def couples_examples(module: nn.Module) -> bool:
     """True when ``module`` normalizes over the batch (BatchNorm in training mode)."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ExpertConfig, expert_parts
+from .base import locate
 
 
 class MixedBlock(nn.Module):
@@ -37,13 +38,6 @@ class MixedBlock(nn.Module):
     def parts(self) -> list[tuple[int, nn.Module]]:
         """``(first local index, block)`` of every part this rank holds."""
         return list(zip(self.firsts, self.blocks))
-
-    def _locate(self, j: int) -> tuple[int, int]:
-        """(part index in this block, the expert's index within that part's block) of local expert ``j``."""
-        for p, (first, b) in enumerate(self.parts()):
-            if j < first + b.num:
-                return p, j - first
-        raise IndexError(f"local expert {j} is beyond this block's {self.num}")
 
     # -- the seam ----------------------------------------------------------------------------
     def inputs(self, x: torch.Tensor, channels_last: bool = False) -> tuple:
@@ -66,7 +60,7 @@ class MixedBlock(nn.Module):
         return tuple(outs)
 
     def forward_one(self, j: int, x_BCHW: torch.Tensor, stats: list | None) -> torch.Tensor:
-        p, k = self._locate(j)
+        p, k = locate(self.parts(), j)
         return self.blocks[p].forward_one(k, x_BCHW, stats[p] if stats else None)
 
     def count_batch(self) -> None:
@@ -74,11 +68,11 @@ class MixedBlock(nn.Module):
             b.count_batch()
 
     def expert_state(self, j: int) -> dict[str, torch.Tensor]:
-        p, k = self._locate(j)
+        p, k = locate(self.parts(), j)
         return self.blocks[p].expert_state(k)
 
     def load_expert_state(self, j: int, state: dict[str, torch.Tensor]) -> None:
-        p, k = self._locate(j)
+        p, k = locate(self.parts(), j)
         self.blocks[p].load_expert_state(k, state)
 
     def niches(self) -> list[tuple]:
@@ -94,14 +88,14 @@ class MixedBlock(nn.Module):
 
 
 class MixedFamily:
-    """``expert.parts``: the families of the parts (``families[p]`` builds part ``p``)."""
+    """``expert.parts``: the families of the parts (``families[p]`` builds part ``p``, numbered from its first id)."""
 
     name = "mixed"
 
     def __init__(self, cfg: ExpertConfig, families: list):
         self.part_cfgs = expert_parts(cfg)
-        self.families = families
         self.starts = [sum(p.num for p in self.part_cfgs[:i]) for i in range(len(self.part_cfgs))]
+        self.families = [f.numbered_from(s) for f, s in zip(families, self.starts)]
 
     def block(self, cfg: ExpertConfig, seed: int, ids: list[int], channels: int, image_size: int) -> MixedBlock:
         blocks, part_ids = [], []
