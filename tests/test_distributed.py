@@ -228,8 +228,9 @@ def test_every_world_size_computes_the_same_step(runs, mode):
             # An exact tie at W = 1 (a copy and its donor) may be broken by the last bit at another world size,
             # where a copy sits at another position of D's batch: a winner among the tied is the same step.
             tops = {i: (want["scores"][i] == want["scores"][i].max()).nonzero().flatten().tolist() for i in bad}
-            tied = {g for i in bad if int(got["winners"][i]) in tops[i] and len(tops[i]) > 1 for g in tops[i]}
-            bad = [i for i in bad if not (int(got["winners"][i]) in tops[i] and len(tops[i]) > 1)]
+            broken = [i for i in bad if len(tops[i]) > 1 and int(got["winners"][i]) in tops[i]]
+            tied = {g for i in broken for g in tops[i]}
+            bad = [i for i in bad if i not in broken]
             margins = [margin(want["scores"], i) for i in bad]
             assert not bad, f"{at}: winners differ in rows {bad}; their top-two margins at W=1: {margins}"
             won = {g: n for g, n in _merged(ranks, t, "won").items() if g not in tied}
